@@ -1,0 +1,94 @@
+"""`DataModuleFromConfig`: a Lightning data module whose splits are datasets built from config.
+
+Configs name it as ``main.DataModuleFromConfig`` (re-exported by ``main.py``) or ``ldm.datamodule.DataModuleFromConfig``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from ldm.util import instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test", "predict")
+
+
+class WrappedDataset(Dataset):
+    """Wraps any object with ``__len__`` and ``__getitem__`` into a torch Dataset."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.data = dataset
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, idx: int) -> Any:
+        return self.data[idx]
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """Gives each data-loader worker its own numpy seed, derived from the torch seed of that worker."""
+    np.random.seed((torch.initial_seed() + worker_id) % 2**32)
+
+
+class DataModuleFromConfig(pl.LightningDataModule):
+    """Builds the `train` / `validation` / `test` / `predict` datasets from their configs.
+
+    :param batch_size: batch size of every loader.
+    :param train, validation, test, predict: dataset configs (``target`` + ``params``); a split without a
+        config has no loader.
+    :param wrap: wrap each dataset in :class:`WrappedDataset` (for objects that are not torch Datasets).
+    :param num_workers: loader workers; ``2 * batch_size`` when not given, as in the original.
+    :param shuffle_test_loader, shuffle_val_dataloader: shuffle those splits (the train split is always
+        shuffled unless it is an IterableDataset).
+    :param use_worker_init_fn: seed numpy per worker (iterable datasets always are).
+    """
+
+    def __init__(self, batch_size: int, train: Mapping | None = None, validation: Mapping | None = None,
+                 test: Mapping | None = None, predict: Mapping | None = None, wrap: bool = False,
+                 num_workers: int | None = None, shuffle_test_loader: bool = False,
+                 use_worker_init_fn: bool = False, shuffle_val_dataloader: bool = False) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = num_workers if num_workers is not None else batch_size * 2
+        self.use_worker_init_fn = use_worker_init_fn
+        self.wrap = wrap
+        self.shuffle = {"train": True, "validation": shuffle_val_dataloader, "test": shuffle_test_loader,
+                        "predict": False}
+        configs = dict(train=train, validation=validation, test=test, predict=predict)
+        self.dataset_configs = {k: v for k, v in configs.items() if v is not None}
+        self.datasets: dict[str, Any] = {}
+        # Lightning treats a split as present when its *_dataloader hook exists, so define only those we have.
+        hooks = {"train": "train_dataloader", "validation": "val_dataloader", "test": "test_dataloader",
+                 "predict": "predict_dataloader"}
+        for split, hook in hooks.items():
+            if split in self.dataset_configs:
+                setattr(self, hook, lambda split=split: self._dataloader(split))
+
+    def prepare_data(self) -> None:
+        """Builds each dataset once on the main process, so that downloads or index building happen there."""
+        for config in self.dataset_configs.values():
+            instantiate_from_config(config)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        for split, config in self.dataset_configs.items():
+            dataset = instantiate_from_config(config)
+            self.datasets[split] = WrappedDataset(dataset) if self.wrap else dataset
+
+    def _dataloader(self, split: str) -> DataLoader:
+        if not self.datasets:
+            self.setup()
+        dataset = self.datasets[split]
+        iterable = isinstance(dataset, IterableDataset)
+        init_fn = worker_init_fn if (iterable or self.use_worker_init_fn) else None
+        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                          shuffle=self.shuffle[split] and not iterable, worker_init_fn=init_fn,
+                          persistent_workers=self.num_workers > 0 and split == "train")

@@ -1,0 +1,152 @@
+"""The training entry point behind ``python main.py``: configs -> model, data, trainer -> fit / test."""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import shutil
+import sys
+from typing import Any, Sequence
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.callbacks import SetupCallback
+from ldm.cli import (RunPaths, device_count, explicit_bool_flags, get_parser, merge_configs, resolve_run,
+                     scaled_learning_rate, split_cli_args, trainer_arguments)
+from ldm.util import config_source, instantiate_from_config
+
+logger = logging.getLogger("main")
+
+DEFAULT_LOGGERS = {
+    "pytorch_lightning.loggers.CSVLogger": {"name": "csv"},
+    "pytorch_lightning.loggers.TensorBoardLogger": {"name": "tensorboard"},
+    "pytorch_lightning.loggers.WandbLogger": {"name": None, "id": None, "offline": False},
+}
+
+
+def logger_config(lightning_config: DictConfig, run: RunPaths, debug: bool) -> DictConfig:
+    """``lightning.logger`` over the defaults for its target (CSV when none is given), saving into the run."""
+    user = lightning_config.get("logger", None) or OmegaConf.create()
+    target = user.get("target", "pytorch_lightning.loggers.CSVLogger")
+    params = dict(DEFAULT_LOGGERS.get(target, {}))
+    if target.endswith("WandbLogger"):
+        params.update(name=run.nowname, id=run.nowname, offline=debug)
+    default = {"target": target, "params": {"save_dir": str(run.logdir), **params}}
+    return OmegaConf.merge(default, user)
+
+
+def checkpoint_config(lightning_config: DictConfig, run: RunPaths, model: Any) -> DictConfig:
+    """``lightning.modelcheckpoint`` over the default: last.ckpt plus the top 3 on the model's `monitor`."""
+    params: dict[str, Any] = {"dirpath": str(run.ckptdir), "filename": "{epoch:06}", "verbose": True,
+                              "save_last": True}
+    monitor = getattr(model, "monitor", None)
+    if monitor:
+        logger.info("monitoring %s as checkpoint metric", monitor)
+        params.update(monitor=monitor, save_top_k=3)
+    default = {"target": "pytorch_lightning.callbacks.ModelCheckpoint", "params": params}
+    return OmegaConf.merge(default, lightning_config.get("modelcheckpoint", None) or {})
+
+
+def callbacks_config(lightning_config: DictConfig, run: RunPaths, model: Any) -> DictConfig:
+    """``lightning.callbacks`` merged over the default callbacks (which a config can re-parameterise by name)."""
+    defaults: dict[str, Any] = {
+        "image_logger": {"target": "ldm.callbacks.ImageLogger",
+                         "params": {"batch_frequency": 750, "max_images": 4, "clamp": True}},
+        "learning_rate_logger": {"target": "pytorch_lightning.callbacks.LearningRateMonitor",
+                                 "params": {"logging_interval": "step"}},
+        "checkpoint_callback": checkpoint_config(lightning_config, run, model),
+        "emergency_checkpoint": {"target": "ldm.callbacks.EmergencyCheckpoint",
+                                 "params": {"ckptdir": str(run.ckptdir)}},
+    }
+    user = lightning_config.get("callbacks", None) or OmegaConf.create()
+    if "metrics_over_trainsteps_checkpoint" in user:
+        defaults["metrics_over_trainsteps_checkpoint"] = {
+            "target": "pytorch_lightning.callbacks.ModelCheckpoint",
+            "params": {"dirpath": str(run.ckptdir / "trainstep_checkpoints"), "filename": "{epoch:06}-{step:09}",
+                       "verbose": True, "save_top_k": -1, "every_n_train_steps": 10000,
+                       "save_weights_only": True}}
+    return OmegaConf.merge(defaults, user)
+
+
+def configure_learning_rate(model: Any, config: DictConfig, trainer_kwargs: dict[str, Any], scale: bool) -> float:
+    """Sets ``model.learning_rate`` from ``model.base_learning_rate`` by the original's rule; logs the rule."""
+    base_lr = config.model.get("base_learning_rate", None)
+    if base_lr is None:
+        logger.info("model.base_learning_rate not set; leaving the model's learning rate as it is")
+        return getattr(model, "learning_rate", float("nan"))
+    available = torch.cuda.device_count() if trainer_kwargs.get("accelerator") == "gpu" else os.cpu_count() or 1
+    lr, message = scaled_learning_rate(
+        base_lr=float(base_lr), batch_size=int(config.data.params.batch_size),
+        devices=device_count(trainer_kwargs.get("devices"), available=available),
+        accumulate_grad_batches=int(trainer_kwargs.get("accumulate_grad_batches", 1)),
+        num_nodes=int(trainer_kwargs.get("num_nodes", 1)), scale=scale)
+    model.learning_rate = lr
+    logger.info(message)
+    return lr
+
+
+def build(opt: Any, unknown: Sequence[str], now: str) -> tuple[RunPaths, DictConfig, Any, Any, pl.Trainer]:
+    """Everything a run needs: its paths, the merged config, the model, the data module, the trainer."""
+    dotlist, trainer_overrides = split_cli_args(unknown)
+    run = resolve_run(opt, now)
+    config = merge_configs(run.base, dotlist)
+    lightning_config = config.pop("lightning", OmegaConf.create())
+    trainer_config = OmegaConf.merge(lightning_config.get("trainer", None) or {}, trainer_overrides)
+    if opt.gpus is not None:
+        trainer_config.gpus = opt.gpus
+    lightning_config.trainer = trainer_config
+    trainer_kwargs = trainer_arguments(OmegaConf.to_container(trainer_config), gpus=opt.gpus)
+    with config_source(*run.base):
+        model = instantiate_from_config(config.model)
+        data = instantiate_from_config(config.data)
+        configure_learning_rate(model, config, trainer_kwargs, opt.scale_lr)
+        callbacks = [SetupCallback(resume=opt.resume, now=now, logdir=str(run.logdir), ckptdir=str(run.ckptdir),
+                                   cfgdir=str(run.cfgdir), config=config, lightning_config=lightning_config)]
+        callbacks_cfg = callbacks_config(lightning_config, run, model)
+        callbacks += [instantiate_from_config(callbacks_cfg[k]) for k in callbacks_cfg]
+        trainer_logger = instantiate_from_config(logger_config(lightning_config, run, opt.debug))
+    trainer = pl.Trainer(**trainer_kwargs, logger=trainer_logger, callbacks=callbacks,
+                         default_root_dir=str(run.logdir))
+    return run, config, model, data, trainer
+
+
+def _has_split(data: Any, split: str) -> bool:
+    return split in getattr(data, "dataset_configs", {split: None})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs ``main.py`` with `argv` (default: ``sys.argv[1:]``); returns the exit status."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    argv = sys.argv[1:] if argv is None else argv
+    opt, unknown = get_parser().parse_known_args(explicit_bool_flags(argv))
+    if opt.project:
+        logger.warning("-p/--project has no effect (as in the original)")
+    pl.seed_everything(opt.seed)
+    run, trainer = None, None
+    try:
+        run, config, model, data, trainer = build(opt, unknown, now)
+        if opt.train:
+            ckpt = str(run.resume_ckpt) if run.resume_ckpt else None
+            trainer.fit(model, data, ckpt_path=ckpt, weights_only=True)
+        if not opt.no_test and not trainer.interrupted:
+            if _has_split(data, "test"):
+                trainer.test(model, data)
+            else:
+                logger.info("no test split in data; skipping the test run")
+    except Exception:
+        if opt.debug and sys.stdin.isatty() and (trainer is None or trainer.global_rank == 0):
+            import pdb
+
+            pdb.post_mortem()
+        raise
+    finally:
+        if opt.debug and not opt.resume and run is not None and run.logdir.exists() and (
+                trainer is None or trainer.global_rank == 0):
+            dst = run.logdir.parent / "debug_runs" / run.logdir.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(run.logdir), str(dst))
+            logger.info("debug run moved to %s", dst)
+    return 0
