@@ -1,0 +1,182 @@
+"""Frozen Hugging Face text encoders (CLIP for Stable Diffusion v1, any AutoModel), loaded from local files only.
+
+Nothing is downloaded: a model is a local directory or a snapshot already in the Hugging Face cache
+(``$HF_HOME/hub``, default ``~/.cache/huggingface/hub``). When it is missing the error names the model and where
+to put it.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_local_model(path_or_id: str | Path, required: Sequence[Sequence[str]] = (), what: str = "model") -> Path:
+    """The local directory holding `path_or_id`: the directory itself, or its snapshot in the Hugging Face cache.
+
+    :param path_or_id: a directory, or a hub id such as ``openai/clip-vit-large-patch14``.
+    :param required: groups of file names; each group needs at least one of its files in the directory.
+    :param what: what is being loaded, for the error message.
+    :raises FileNotFoundError: naming the model, the files it lacks and where to put them.
+    """
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    path = Path(str(path_or_id)).expanduser()
+    if path.is_dir():
+        directory = path
+    elif path.exists() or str(path_or_id).startswith((".", "/", "~")) or str(path_or_id).count("/") > 1:
+        raise FileNotFoundError(f"{what} '{path_or_id}' is not a directory; point it at a directory holding "
+                                f"the Hugging Face files (config.json, tokenizer files, weights)")
+    else:
+        try:
+            directory = Path(snapshot_download(str(path_or_id), local_files_only=True))
+        except (LocalEntryNotFoundError, OSError, ValueError) as e:
+            raise FileNotFoundError(
+                f"{what} '{path_or_id}' is not available locally (downloads are disabled). Put it in the Hugging "
+                f"Face cache ({constants.HF_HUB_CACHE}), e.g. run `huggingface-cli download {path_or_id}` on a "
+                f"machine with internet and copy the cache, or pass the path of a local directory with its files "
+                f"instead of the id") from e
+    for group in required:
+        if not any((directory / name).is_file() for name in group):
+            raise FileNotFoundError(f"{what} '{path_or_id}' ({directory}) lacks {' or '.join(group)}")
+    return directory
+
+
+class FrozenTextEncoder(nn.Module):
+    """Base of frozen text encoders: parameters without gradients, always in eval mode."""
+
+    def freeze(self) -> None:
+        """Stops gradients and puts the module in eval mode (kept by :meth:`train`)."""
+        for p in self.parameters():
+            p.requires_grad = False
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "FrozenTextEncoder":
+        """Frozen encoders stay in eval mode (dropout off) whatever Lightning asks."""
+        return super().train(False)
+
+    def encode(self, text: str | Sequence[str]) -> torch.Tensor:
+        return self(text)
+
+    def get_unconditional_conditioning(self, batch_size: int) -> torch.Tensor:
+        """The empty-prompt embedding used for classifier-free guidance: [batch_size x L x D]."""
+        return self([""] * batch_size)
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+class FrozenCLIPEmbedder(FrozenTextEncoder):
+    """The CLIP text transformer of Stable Diffusion v1: prompts -> last hidden states [N x max_length x D].
+
+    State-dict names equal SD v1 checkpoints (``transformer.text_model.*``, including the old
+    ``embeddings.position_ids`` buffer, which is accepted on load and written on save).
+
+    :param version: a hub id in the local cache or a local directory with the tokenizer and the text model.
+    :param device: accepted for config compatibility; computation follows the module's parameters.
+    :param max_length: the token length (prompts are truncated/padded to it).
+    """
+
+    POSITION_IDS = "transformer.text_model.embeddings.position_ids"
+
+    def __init__(self, version: str = "openai/clip-vit-large-patch14", device: Any = None, max_length: int = 77):
+        super().__init__()
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        directory = resolve_local_model(version, required=(("config.json",),
+                                                           ("tokenizer.json", "vocab.json")),
+                                        what="CLIP text model")
+        tokenizer = CLIPTokenizer.from_pretrained(directory, local_files_only=True)
+        model = CLIPTextModel.from_pretrained(directory, local_files_only=True)
+        self._setup(tokenizer, model, max_length)
+
+    @classmethod
+    def from_components(cls, tokenizer: Any, text_model: nn.Module, max_length: int = 77) -> "FrozenCLIPEmbedder":
+        """Builds the embedder around an existing tokenizer and ``CLIPTextModel`` (no files read)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(tokenizer, text_model, max_length)
+        return self
+
+    def _setup(self, tokenizer: Any, model: nn.Module, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        # transformers < 5 nests the text transformer as `.text_model`; 5.x does not. SD v1 names need it.
+        self.transformer = model if hasattr(model, "text_model") else _TextModelNamespace(model)
+        self.register_load_state_dict_pre_hook(_drop_position_ids)
+        self.register_state_dict_post_hook(_add_position_ids)
+        self.freeze()
+
+    def tokenize(self, text: str | Sequence[str]) -> torch.Tensor:
+        """Prompts -> an [N x max_length] Tensor of token ids on the module's device."""
+        text = [text] if isinstance(text, str) else list(text)
+        enc = self.tokenizer(text, truncation=True, max_length=self.max_length, padding="max_length",
+                             return_tensors="pt")
+        return enc["input_ids"].to(self._device)
+
+    def forward(self, text: str | Sequence[str]) -> torch.Tensor:
+        """:param text: N prompts. :return: an [N x max_length x D] Tensor of last hidden states."""
+        return self.transformer(input_ids=self.tokenize(text)).last_hidden_state
+
+
+class _TextModelNamespace(nn.Module):
+    """Holds a transformers-5 ``CLIPTextModel`` as ``.text_model`` so parameter names match SD v1."""
+
+    def __init__(self, text_model: nn.Module):
+        super().__init__()
+        self.text_model = text_model
+
+    def forward(self, input_ids: torch.Tensor) -> Any:
+        return self.text_model(input_ids=input_ids)
+
+
+def _drop_position_ids(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    state_dict.pop(prefix + FrozenCLIPEmbedder.POSITION_IDS, None)
+
+
+def _add_position_ids(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    key = prefix + FrozenCLIPEmbedder.POSITION_IDS
+    if key not in state_dict:
+        emb = module.transformer.text_model.embeddings.position_embedding.weight
+        state_dict[key] = torch.arange(emb.shape[0], device=emb.device)[None]
+
+
+class FrozenHFTextEmbedder(FrozenTextEncoder):
+    """Any frozen Hugging Face text encoder (AutoTokenizer + AutoModel): prompts -> [N x max_length x D].
+
+    Padding tokens are masked out of the encoder's attention; their output rows are still returned (the UNet's
+    cross-attention sees a fixed length). Use :meth:`tokenize` to get the mask.
+
+    :param path_or_id: a local directory or a hub id in the local Hugging Face cache.
+    :param max_length: the token length (prompts are truncated/padded to it).
+    :param device: accepted for config compatibility; computation follows the module's parameters.
+    """
+
+    def __init__(self, path_or_id: str, max_length: int = 77, device: Any = None):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        directory = resolve_local_model(path_or_id, required=(("config.json",),), what="text encoder")
+        self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        self.transformer = AutoModel.from_pretrained(directory, local_files_only=True)
+        self.max_length = max_length
+        self.freeze()
+
+    def tokenize(self, text: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> ([N x max_length] token ids, [N x max_length] bool mask of real tokens), on the device."""
+        text = [text] if isinstance(text, str) else list(text)
+        enc = self.tokenizer(text, truncation=True, max_length=self.max_length, padding="max_length",
+                             return_tensors="pt")
+        return enc["input_ids"].to(self._device), enc["attention_mask"].to(self._device).bool()
+
+    def forward(self, text: str | Sequence[str]) -> torch.Tensor:
+        """:param text: N prompts. :return: an [N x max_length x D] Tensor of last hidden states."""
+        ids, mask = self.tokenize(text)
+        return self.transformer(input_ids=ids, attention_mask=mask.long()).last_hidden_state
