@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from ldm.checkpoint import load_state_dict
+from ldm.checkpoint import load_state_dict, load_weights
 from ldm.models.diffusion import ancestral, image_logging
 from ldm.models.diffusion.conditioning import DiffusionWrapper
 from ldm.models.diffusion.losses import DiffusionLoss, LossType
@@ -152,18 +152,10 @@ class DDPM(pl.LightningModule):
 
         :param only_model: load into ``self.model`` (the DiffusionWrapper) instead of the whole module.
         """
-        sd = load_state_dict(path)
-        for k in list(sd):
-            if any(k.startswith(ik) for ik in ignore_keys):
-                logger.info("deleting key %s from state_dict", k)
-                del sd[k]
         target_module = self.model if only_model else self
-        missing, unexpected = target_module.load_state_dict(sd, strict=False)
-        logger.info("restored from %s with %d missing and %d unexpected keys", path, len(missing), len(unexpected))
-        if missing:
-            logger.info("missing keys: %s", missing)
-        if unexpected:
-            logger.info("unexpected keys: %s", unexpected)
+        load_weights(target_module, load_state_dict(path), strict=False, ignore_prefixes=tuple(ignore_keys),
+                     source=path)
+        logger.info("restored %s from %s", type(target_module).__name__, path)
         self.restarted_from_ckpt = True
 
     # -- forward process and loss --------------------------------------------------------------------------

@@ -38,8 +38,10 @@ def sample_encoding(encoder_posterior: Any) -> torch.Tensor:
 
 
 def mode_of(encoding: Any) -> Any:
-    """The mode of a distribution (e.g. a KL posterior), anything else unchanged."""
-    return encoding.mode() if callable(getattr(encoding, "mode", None)) else encoding
+    """The mode of a distribution (e.g. a KL posterior); tensors and anything else unchanged."""
+    if isinstance(encoding, torch.Tensor) or not callable(getattr(encoding, "mode", None)):
+        return encoding
+    return encoding.mode()
 
 
 def accepts_force_not_quantize(first_stage: nn.Module) -> bool:
