@@ -14,6 +14,7 @@ import dataclasses
 import enum
 import io
 import logging
+import zlib
 from abc import abstractmethod
 from pathlib import Path
 from typing import Any, BinaryIO, Mapping, Sequence
@@ -202,6 +203,34 @@ def read_file_list(txt_file: str | Path) -> list[str]:
     """Non-empty lines of a file list (one relative path per line)."""
     with open(txt_file, encoding="utf-8") as f:
         return [line.strip() for line in f if line.strip()]
+
+
+def in_validation_split(relpath: str, val_fraction: float) -> bool:
+    """A stable hold-out: a file belongs to validation iff a hash of its relative path says so (adding files
+    never moves others between splits)."""
+    return zlib.crc32(relpath.encode("utf-8")) % 10_000 < round(val_fraction * 10_000)
+
+
+def listed_or_folder_files(txt_file: str | Path | None, data_root: str | Path, validation: bool,
+                           val_fraction: float, what: str) -> tuple[Path, list[str]]:
+    """The files of one split: the lines of `txt_file` (paths relative to `data_root`) when that file exists,
+    else the images under the folder `data_root` split by :func:`in_validation_split`.
+
+    :param what: names the dataset in errors.
+    :return: the root and the relative paths (sorted for folders, in list order for file lists).
+    """
+    root = Path(data_root).expanduser()
+    if txt_file is not None and Path(txt_file).expanduser().is_file():
+        return root, read_file_list(Path(txt_file).expanduser())
+    if root.is_dir():
+        rel = [p.relative_to(root).as_posix() for p in list_images(root)]
+        rel = [r for r in rel if in_validation_split(r, val_fraction) == validation]
+        if not rel:
+            raise FileNotFoundError(f"{what}: no images for this split under {root}")
+        return root, rel
+    where = "" if root.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+    listed = f"a file list {txt_file} (one image path per line, relative to {root}) or " if txt_file else ""
+    raise FileNotFoundError(f"{what}: expected {listed}a folder of images at {root}{where}; neither exists")
 
 
 class RobustImageDataset(Dataset):
