@@ -88,7 +88,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class PreemptionCheckpoint(pl.Callback):
     """On SIGUSR1/SIGTERM (cluster pre-emption), saves a resumable `ckpt_path` and stops training cleanly.
 
-    The handler only sets a flag; at the next training batch end the trainer saves the checkpoint (with
+    The handler only sets a flag; at the next training batch end (after the module's own ``on_train_batch_end``,
+    where EMA weights are updated) the trainer saves the checkpoint (with
     optimiser, scheduler and loop state, so ``-r`` resumes it) and ``trainer.should_stop`` ends the run, which
     then exits normally. With several processes the flag is shared, so every rank stops at the same step. The
     handlers are installed when training starts (after Lightning's own) and the previous ones restored after;
@@ -101,6 +102,7 @@ class PreemptionCheckpoint(pl.Callback):
         self.signals = [_signal_number(s) for s in signals]
         self.requested: int | None = None
         self._previous: dict[int, Any] = {}
+        self._wrapped: pl.LightningModule | None = None
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = signum
@@ -114,9 +116,18 @@ class PreemptionCheckpoint(pl.Callback):
             return
         for signum in self.signals:
             self._previous[signum] = signal.signal(signum, self._handle)
+        # Lightning runs callbacks' on_train_batch_end before the module's, where models update their EMA: save
+        # after the module's hook, so that the checkpoint holds the complete state of the step
+        module_hook = pl_module.on_train_batch_end
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+        def on_train_batch_end_then_check(*args: Any, **kwargs: Any) -> None:
+            module_hook(*args, **kwargs)
+            self._save_if_requested(trainer)
+
+        pl_module.on_train_batch_end = on_train_batch_end_then_check  # type: ignore[method-assign]
+        self._wrapped = pl_module
+
+    def _save_if_requested(self, trainer: pl.Trainer) -> None:
         if not trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False):
             return
         name = signal.Signals(self.requested).name if self.requested else "a signal on another rank"
@@ -124,11 +135,15 @@ class PreemptionCheckpoint(pl.Callback):
                        trainer.global_step)
         trainer.save_checkpoint(self.ckpt_path)
         trainer.should_stop = True
+        self.requested = None
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
+        if self._wrapped is not None:
+            del self._wrapped.on_train_batch_end
+            self._wrapped = None
 
 
 def _signal_number(sig: str | int) -> int:
@@ -260,8 +275,10 @@ class ResumeDataOrder(pl.Callback):
     """
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-        if done <= 0:
+        # as restored from the checkpoint: batches of the interrupted epoch whose step was taken ("completed"
+        # lags by one when the checkpoint was written at a batch end)
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if done <= 0 or done >= trainer.num_training_batches:
             return
         loader = trainer.train_dataloader
         sampler = _find_sampler(loader)
