@@ -117,3 +117,16 @@ class TinyTextEncoder(nn.Module):
     def encode(self, text):
         lengths = torch.tensor([[float(len(s))] for s in text], device=self.proj.weight.device)
         return self.proj(lengths)[:, None].expand(-1, 2, -1)
+
+
+def clip_vit_l14_text_encoder(max_length: int = 77):
+    """FrozenCLIPEmbedder around a randomly initialised ViT-L/14 CLIP text model built from its config, so that
+    no files are read: the same module names and shapes as Stable Diffusion v1 (for meta-device tests)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm.modules.encoders.hf import FrozenCLIPEmbedder
+
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                            num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
+                            hidden_act="quick_gelu")
+    return FrozenCLIPEmbedder.from_components(None, CLIPTextModel(config), max_length=max_length)

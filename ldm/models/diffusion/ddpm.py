@@ -127,7 +127,7 @@ class DDPM(pl.LightningModule):
         for name in BUFFER_NAMES:
             self.register_buffer(name, buffers[name])
         self.register_buffer("lvlb_weights", lvlb_weights(buffers, self.parameterization), persistent=False)
-        if torch.isnan(self.lvlb_weights).all():
+        if not self.lvlb_weights.is_meta and torch.isnan(self.lvlb_weights).all():
             raise ValueError("the VLB weights of this schedule are all NaN")
 
     # -- EMA and checkpoints -------------------------------------------------------------------------------
