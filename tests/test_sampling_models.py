@@ -1,9 +1,19 @@
 """Stand-in diffusion models for the sampler tests (the attributes of the original's notebook API)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ldm.models.diffusion.schedule import make_beta_schedule, schedule_buffers, sigmas_from_alphas_cumprod, t_to_sigma
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """One intra-op thread: on a shared, loaded CPU, small ops with two spinning threads run ~1000x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class ScheduleModel(torch.nn.Module):
