@@ -8,6 +8,7 @@ Nothing is ever downloaded.
 from __future__ import annotations
 
 import enum
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -46,13 +47,11 @@ def vgg16_weights_path() -> Path:
 
 
 def lpips_heads_path() -> Path:
-    """The linear-head weights shipped inside the `lpips` package."""
-    try:
-        import lpips
-    except ImportError as e:
-        raise ImportError("the LPIPS loss needs the `lpips` package for its linear-head weights: pip install lpips") \
-            from e
-    return Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"
+    """The linear-head weights shipped inside the `lpips` package (located without importing it, which is slow)."""
+    spec = importlib.util.find_spec("lpips")
+    if spec is None or spec.origin is None:
+        raise ImportError("the LPIPS loss needs the `lpips` package for its linear-head weights: pip install lpips")
+    return Path(spec.origin).parent / "weights" / "v0.1" / "vgg.pth"
 
 
 class ScalingLayer(nn.Module):
