@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.callbacks.reliability import (AtomicCheckpointIO, NonFiniteGuard, NonFiniteTrainingError,  # noqa: E402
-                                       PreemptionCheckpoint, ResumableSampler, ResumeDataOrder, reliability_plugins)
+                                       PreemptionCheckpoint, ResumableSampler, ResumeDataOrder, StepSeeding,
+                                       reliability_plugins)
 from ldm.checkpoint import load_checkpoint  # noqa: E402
 
 N_SAMPLES, BATCH = 40, 4  # 10 batches per epoch
@@ -41,7 +42,8 @@ class ToyModel(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y, idx = batch
         self.seen.extend(idx.tolist())
-        loss = torch.nn.functional.mse_loss(self.net(x * self.scale_factor), y)
+        noisy = x * self.scale_factor + 0.1 * torch.randn_like(x)  # like diffusion noise: needs the RNG state
+        loss = torch.nn.functional.mse_loss(self.net(noisy), y)
         return self._maybe_nan(loss)
 
     def _maybe_nan(self, loss):
@@ -71,7 +73,8 @@ class TwoOptimiserModel(ToyModel):
         opt_g, opt_d = self.optimizers()
         x, y, idx = batch
         self.seen.extend(idx.tolist())
-        loss = self._maybe_nan(torch.nn.functional.mse_loss(self.net(x * self.scale_factor), y))
+        noisy = x * self.scale_factor + 0.1 * torch.randn_like(x)
+        loss = self._maybe_nan(torch.nn.functional.mse_loss(self.net(noisy), y))
         opt_g.zero_grad()
         self.manual_backward(loss + self.disc(self.net(x)).mean() * 0.01)
         opt_g.step()
@@ -119,7 +122,7 @@ def _train(model_cls, root: Path, max_steps: int, stop_at: int | None = None, ck
     pl.seed_everything(0, workers=True)
     model = model_cls()
     preempt = PreemptionCheckpoint(root / "checkpoints" / "last.ckpt")
-    callbacks = [preempt, NonFiniteGuard(), ResumeDataOrder()]
+    callbacks = [preempt, NonFiniteGuard(), StepSeeding(), ResumeDataOrder()]
     if stop_at is not None:
         callbacks.insert(0, StopAtStep(preempt, stop_at))
     trainer = make_trainer(root, max_steps, callbacks)

@@ -6,7 +6,7 @@ exact mid-epoch resume, and config checks that fail before training starts.
 - :func:`validate_config` after merging the configs and before building anything;
 - :func:`reliability_plugins` for ``Trainer(plugins=...)``: an :class:`AtomicCheckpointIO`;
 - :func:`reliability_callbacks` for ``Trainer(callbacks=...)``: :class:`PreemptionCheckpoint`,
-  :class:`NonFiniteGuard` and :class:`ResumeDataOrder`.
+  :class:`NonFiniteGuard`, :class:`StepSeeding` and :class:`ResumeDataOrder`.
 
 Settings live under ``lightning.reliability`` in the config (all optional)::
 
@@ -22,11 +22,14 @@ import enum
 import errno
 import logging
 import math
+import os
+import random
 import signal
 import threading
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -229,6 +232,26 @@ class NonFiniteGuard(pl.Callback):
         self.consecutive = int(state_dict.get("consecutive", 0))
 
 
+class StepSeeding(pl.Callback):
+    """Reseeds the global random generators (torch on every device, numpy, random) before every training batch
+    from (seed, global step, rank), so a resumed run draws the same noise, timesteps and dropout masks as an
+    uninterrupted one, whatever data loading or validation consumed in between.
+
+    :param seed: the run's seed; by default the one ``seed_everything`` set (``PL_GLOBAL_SEED``).
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        base = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
+        step_seed = (base * 1_000_003 + trainer.global_step * 8191 + trainer.global_rank) % (2 ** 32)
+        torch.manual_seed(step_seed)
+        np.random.seed(step_seed)
+        random.seed(step_seed)
+
+
 class ResumableSampler(Sampler[int]):
     """A seeded shuffling sampler whose order depends only on (seed, epoch) and that can skip consumed samples.
 
@@ -302,25 +325,26 @@ def _section(config: Any, key: str) -> Mapping[str, Any]:
     return value if value is not None else {}
 
 
-def reliability_settings(config: Any) -> Mapping[str, Any]:
-    """The ``lightning.reliability`` section of a merged config (empty when absent)."""
-    return _section(_section(config, "lightning"), "reliability")
+def reliability_settings(lightning_config: Any) -> Mapping[str, Any]:
+    """The ``reliability`` section of the ``lightning`` part of a config (empty when absent)."""
+    return _section(lightning_config, "reliability")
 
 
-def reliability_plugins(config: Any = None) -> list[Any]:
-    """Plugins for ``Trainer(plugins=...)``: an :class:`AtomicCheckpointIO` configured from `config`."""
-    settings = reliability_settings(config)
+def reliability_plugins(lightning_config: Any = None) -> list[Any]:
+    """Plugins for ``Trainer(plugins=...)``: an :class:`AtomicCheckpointIO` configured from the ``lightning``
+    section of the config."""
+    settings = reliability_settings(lightning_config)
     return [AtomicCheckpointIO(export_safetensors=bool(settings.get("export_safetensors", False)))]
 
 
-def reliability_callbacks(config: Any, ckptdir: str | Path) -> list[pl.Callback]:
+def reliability_callbacks(lightning_config: Any, ckptdir: str | Path) -> list[pl.Callback]:
     """Callbacks for ``Trainer(callbacks=...)``: pre-emption save to ``<ckptdir>/last.ckpt``, the non-finite
-    guard and the mid-epoch data-order restore."""
-    settings = reliability_settings(config)
+    guard, per-step seeding and the mid-epoch data-order restore (configured from the ``lightning`` section)."""
+    settings = reliability_settings(lightning_config)
     signals = list(settings.get("preemption_signals", DEFAULT_SIGNALS))
     return [PreemptionCheckpoint(Path(ckptdir) / "last.ckpt", signals=signals),
             NonFiniteGuard(settings.get("max_consecutive_nonfinite", DEFAULT_MAX_CONSECUTIVE_NONFINITE)),
-            ResumeDataOrder()]
+            StepSeeding(), ResumeDataOrder()]
 
 
 class _Check(enum.Enum):
@@ -391,14 +415,19 @@ def _size_problems(config: Any) -> list[str]:
     return problems
 
 
-def validate_config(config: Any) -> None:
+def validate_config(config: Any, lightning_config: Any = None) -> None:
     """Checks a merged config for wrong types and impossible values before anything is built.
 
+    :param config: the merged config (``model``, ``data``, and ``lightning`` unless given separately).
+    :param lightning_config: its ``lightning`` section, when the caller has split it off.
     :raises ConfigError: naming every offending dotted key and its value.
     """
     problems = []
     for key, check in _SCALAR_CHECKS:
-        value = _get(config, key)
+        if lightning_config is not None and key.startswith("lightning."):
+            value = _get(lightning_config, key[len("lightning."):])
+        else:
+            value = _get(config, key)
         if _invalid(value, check):
             problems.append(f"{key} must be {check.value}, got {value!r}")
     problems += _size_problems(config)
