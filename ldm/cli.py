@@ -86,6 +86,11 @@ def explicit_bool_flags(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def parse_cli(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The known flags, and the rest (overrides and Trainer arguments, see :func:`split_cli_args`)."""
+    return get_parser().parse_known_args(explicit_bool_flags(argv))
+
+
 def parse_gpus(spec: Any) -> list[int] | int | None:
     """Reads a ``--gpus`` value the way Lightning 1.x did.
 

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.callbacks import SetupCallback
-from ldm.cli import (RunPaths, device_count, explicit_bool_flags, get_parser, merge_configs, resolve_run,
+from ldm.cli import (RunPaths, device_count, merge_configs, parse_cli, resolve_run,
                      scaled_learning_rate, split_cli_args, trainer_arguments)
 from ldm.util import config_source, instantiate_from_config
 
@@ -39,8 +39,9 @@ def logger_config(lightning_config: DictConfig, run: RunPaths, debug: bool) -> D
 
 def checkpoint_config(lightning_config: DictConfig, run: RunPaths, model: Any) -> DictConfig:
     """``lightning.modelcheckpoint`` over the default: last.ckpt plus the top 3 on the model's `monitor`."""
+    # no version counter: last.ckpt is overwritten even when another callback (the emergency save) wrote it
     params: dict[str, Any] = {"dirpath": str(run.ckptdir), "filename": "{epoch:06}", "verbose": True,
-                              "save_last": True}
+                              "save_last": True, "enable_version_counter": False}
     monitor = getattr(model, "monitor", None)
     if monitor:
         logger.info("monitoring %s as checkpoint metric", monitor)
@@ -121,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
     argv = sys.argv[1:] if argv is None else argv
-    opt, unknown = get_parser().parse_known_args(explicit_bool_flags(argv))
+    opt, unknown = parse_cli(argv)
     if opt.project:
         logger.warning("-p/--project has no effect (as in the original)")
     pl.seed_everything(opt.seed)
