@@ -8,7 +8,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 
 class ToyDataset(Dataset):
@@ -23,6 +23,16 @@ class ToyDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {"image": self.images[i]}
+
+
+class ToyStream(IterableDataset):
+    """Items {"image": a [1 x 2 x 2] Tensor filled with i} for i = 0 .. length - 1, in order."""
+
+    def __init__(self, length: int = 5) -> None:
+        self.length = length
+
+    def __iter__(self):
+        return iter({"image": torch.full((1, 2, 2), float(i))} for i in range(self.length))
 
 
 class ToyModel(pl.LightningModule):
