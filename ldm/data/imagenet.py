@@ -20,11 +20,11 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 
 from ldm.data.base import (Interpolation, RobustImageDataset, SquareCrop, item_rng, open_image,
                            read_file_list, to_model_image)
-from ldm.modules.image_degradation import Degradation, degrade
+from ldm.data.superres import sr_pair
+from ldm.modules.image_degradation import Degradation
 from ldm.util import ConfigError
 
 _SYNSET = re.compile(r"^n\d{8}$")
@@ -242,12 +242,8 @@ class ImageNetSR(RobustImageDataset):
 
     def load_item(self, index: int) -> dict[str, Any]:
         example = self.base.labels(index)
-        rng = item_rng(self.seed, index)
         image = open_image(example["file_path_"], min_image_size=self.min_image_size)
-        hr = np.asarray(self.crop(image, rng))
-        lr = degrade(hr, self.degradation, self.downscale_f, rng)
-        example["image"] = to_model_image(hr)
-        example["LR_image"] = to_model_image(lr)
+        example.update(sr_pair(image, self.crop, self.degradation, self.downscale_f, item_rng(self.seed, index)))
         return example
 
 
