@@ -240,7 +240,7 @@ class SlowIO(AtomicCheckpointIO):
     def _write(self, checkpoint, tmp):
         super()._write(checkpoint, tmp)
         if self.delay and checkpoint.get("global_step", 0) > 2:
-            (tmp.parent / "SAVING").write_text(str(tmp))
+            (tmp.parent / "SAVING").write_text(f"{tmp}\n{checkpoint['global_step']}")
             time.sleep(self.delay)
 
 
