@@ -220,3 +220,18 @@ def test_log_images_keys_and_guided_samples():
     only = m.log_images(batch, N=2, ddim_steps=None, sample=False, plot_progressive_rows=False,
                         return_keys=["inputs"])
     assert list(only) == ["inputs"]
+
+
+def test_inpainting_conditioning_appends_latent_mask():
+    kl = {"target": "test_ddpm_support.ScaledKLStage", "params": {"scale": 2.0}}
+    m = make_ldm(unet_config=spy(7, 3), first_stage_config=kl, cond_stage_config="__is_first_stage__",
+                 cond_stage_key="masked_image", concat_mode=True, concat_mask_key="mask")
+    mask = torch.zeros(2, 4, 4, 1)
+    mask[:, :2] = 1.0
+    batch = image_batch(n=2, masked_image=torch.rand(2, 4, 4, 3), mask=mask)
+    z, c = m.get_input(batch, "image", bs=1)
+    assert c.shape == (1, 4, 4, 4)
+    torch.testing.assert_close(c[:, :3], 2.0 * batch["masked_image"][:1].permute(0, 3, 1, 2))
+    torch.testing.assert_close(c[:, 3:], 2.0 * mask[:1].permute(0, 3, 1, 2) - 1.0)
+    m(z, c)
+    assert unet(m).calls[-1]["x"].shape == (1, 7, 4, 4)

@@ -48,6 +48,9 @@ class LatentDiffusion(DDPM):
     :param scale_by_std: set ``scale_factor = 1 / std(z)`` from the first training batch (saved as a buffer).
     :param ucg_rate: conditioning dropout rate for classifier-free guidance (see conditioning.py for the rule).
     :param ucg_null_label: the null class of class-conditional models (default: ``n_classes - 1``).
+    :param concat_mask_key: batch key of an [N x H x W x 1] mask in {0, 1} (1 = to fill) that is mapped to
+        {-1, 1}, resized to the latent size and appended to the encoded concat conditioning, as the released
+        inpainting model expects (scripts/inpaint.py): ``c = cat([E(masked_image), mask], 1)``.
     :param kwargs: the DDPM arguments (``timesteps``, ``unet_config``, ``ckpt_path``, ...).
     """
 
@@ -64,6 +67,7 @@ class LatentDiffusion(DDPM):
                  scale_by_std: bool = False,
                  ucg_rate: float = 0.0,
                  ucg_null_label: int | None = None,
+                 concat_mask_key: str | None = None,
                  **kwargs: Any) -> None:
         key = resolve_conditioning_key(conditioning_key, concat_mode, cond_stage_config)
         ckpt_path = kwargs.pop("ckpt_path", None)
@@ -89,6 +93,7 @@ class LatentDiffusion(DDPM):
         self.cond_stage_forward = cond_stage_forward
         self.ucg_rate = ucg_rate
         self.ucg_null_label = ucg_null_label
+        self.concat_mask_key = concat_mask_key
         if scale_by_std:
             self.register_buffer("scale_factor", torch.tensor(scale_factor))
         else:
@@ -254,12 +259,19 @@ class LatentDiffusion(DDPM):
             c = self.get_learned_conditioning(xc) if (not self.cond_stage_trainable or force_c_encode) else xc
             if bs is not None and not isinstance(c, Mapping):
                 c = slice_cond(c, bs)
+            if self.concat_mask_key is not None:
+                c = torch.cat([c, self.latent_mask(batch, z)], dim=1)
         out = [z, c]
         if return_first_stage_outputs:
             out.extend([x, self.decode_first_stage(z)])
         if return_original_cond:
             out.append(xc)
         return out
+
+    def latent_mask(self, batch: Mapping[str, Any], z: torch.Tensor) -> torch.Tensor:
+        """The batch's ``concat_mask_key`` mask as [N x 1 x h x w] in {-1, 1} at the latent size of `z`."""
+        mask = DDPM.get_input(self, batch, self.concat_mask_key)[:z.shape[0]].to(z)
+        return torch.nn.functional.interpolate(2.0 * mask - 1.0, size=z.shape[-2:])
 
     # -- training ---------------------------------------------------------------------------------------------
     def shared_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
