@@ -253,3 +253,16 @@ def test_class_labels_required_iff_class_conditional():
 def test_codebook_prediction_head():
     model = tiny_unet(n_embed=11)
     assert model(torch.randn(1, 3, 8, 8), torch.tensor([2])).shape == (1, 11, 8, 8)
+
+
+def test_original_util_import_paths():
+    from ldm.models.diffusion.schedule import make_beta_schedule as owner
+    from ldm.modules.diffusionmodules import util
+
+    assert util.make_beta_schedule is owner  # re-exported, not recomputed
+    torch.manual_seed(0)
+    n = util.noise_like((3, 2, 4), "cpu", repeat=True)
+    assert n.shape == (3, 2, 4) and torch.equal(n[0], n[2])
+    assert not torch.equal(*util.noise_like((2, 5), "cpu"))
+    with pytest.raises(ValueError, match="dimensions"):
+        util.conv_nd(4, 1, 1, 1)

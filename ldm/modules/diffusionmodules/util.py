@@ -1,7 +1,8 @@
 """Building blocks shared by the diffusion networks: timestep embeddings, normalisation, n-d layers, checkpointing.
 
 Names and signatures follow the original (guided-diffusion / CompVis) helpers so that code and configs importing
-them keep working. The noise schedule is *not* here: it lives in :mod:`ldm.models.diffusion.schedule`.
+them keep working. The noise schedule is *not* computed here: it lives in :mod:`ldm.models.diffusion.schedule`;
+``make_beta_schedule``, ``extract_into_tensor`` and ``mean_flat`` are re-exported for the original import paths.
 """
 from __future__ import annotations
 
@@ -12,6 +13,13 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+
+from ldm.models.diffusion.schedule import extract as extract_into_tensor
+from ldm.models.diffusion.schedule import make_beta_schedule
+from ldm.util import mean_flat
+
+__all__ = ["timestep_embedding", "zero_module", "scale_module", "GroupNorm32", "normalization", "conv_nd", "linear",
+           "avg_pool_nd", "checkpoint", "noise_like", "make_beta_schedule", "extract_into_tensor", "mean_flat"]
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000,
@@ -109,3 +117,10 @@ def checkpoint(func: Callable[..., Any], inputs: Sequence[Any], params: Iterable
     if flag and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(func, *inputs, use_reentrant=False)
     return func(*inputs)
+
+
+def noise_like(shape: Sequence[int], device: torch.device | str, repeat: bool = False) -> torch.Tensor:
+    """Standard normal noise of `shape`; with `repeat`, one sample repeated over the batch dimension."""
+    if repeat:
+        return torch.randn((1, *shape[1:]), device=device).expand(shape[0], *shape[1:]).clone()
+    return torch.randn(tuple(shape), device=device)
