@@ -402,8 +402,10 @@ def _size_problems(config: Any) -> list[str]:
     unet_size = _get(config, _UNET_SIZE_KEY)
     problems = []
     for split in _DATA_SPLITS:
-        key = f"data.params.{split}.params.size"
-        size = _get(config, key)
+        # a dataset that resizes to `size` and then crops trains on `crop_size`
+        key = next((f"data.params.{split}.params.{k}" for k in ("crop_size", "size")
+                    if _get(config, f"data.params.{split}.params.{k}") is not None), "")
+        size = _get(config, key) if key else None
         if size is None or isinstance(size, bool) or not isinstance(size, int):
             continue
         if size % f:
