@@ -6,8 +6,8 @@ from skimage import data as skdata
 
 from ldm.modules.image_degradation import (Degradation, bicubic_degradation, degradation_fn_bsr,
                                            degradation_fn_bsr_light, degrade, imresize)
-from ldm.modules.image_degradation.bsrgan import (anisotropic_gaussian_kernel, gaussian_noise, jpeg, random_blur,
-                                                  shifted_kernel_downsample)
+from ldm.modules.image_degradation.bsrgan import (anisotropic_gaussian_kernel, gaussian_kernel, gaussian_noise, jpeg,
+                                                  random_blur, shifted_kernel_downsample)
 from ldm.modules.image_degradation.resize import pil_resize
 
 
@@ -75,6 +75,21 @@ def test_blur_removes_high_frequencies():
         assert out.shape == x.shape
         assert high_freq_energy(out) < 0.9 * high_freq_energy(x)
         assert abs(out.mean() - x.mean()) < 0.01  # kernels sum to one
+
+
+@pytest.mark.parametrize("size", [5, 6, 25])
+def test_kernels_stay_finite_for_tiny_widths(size):
+    for k in (gaussian_kernel(size, 0.0), gaussian_kernel(size, 1e-4),
+              anisotropic_gaussian_kernel(size, 0.3, 0.0, 1e-5)):
+        assert np.isfinite(k).all() and np.isclose(k.sum(), 1.0)
+
+
+def test_no_nan_or_overflow_over_many_seeds():
+    x = photo(32)
+    with np.errstate(invalid="raise", divide="raise", over="raise"):
+        for seed in range(40):
+            for fn in (degradation_fn_bsr, degradation_fn_bsr_light):
+                assert fn(x, sf=4, rng=np.random.default_rng(seed))["image"].shape == (8, 8, 3)
 
 
 def test_anisotropic_kernel_is_normalised_symmetric_and_elongated_along_theta():

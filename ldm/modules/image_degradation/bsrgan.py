@@ -41,7 +41,8 @@ LIGHT = BSRConfig(blur_passes=1, blur_scale=0.25, noise_range=(1, 2), jpeg_range
 def gaussian_kernel(size: int, sigma: float) -> np.ndarray:
     """An isotropic Gaussian kernel [size, size] summing to one."""
     r = (np.arange(size) - (size - 1) / 2.0) ** 2
-    k = np.exp(-(r[:, None] + r[None, :]) / (2.0 * max(sigma, 1e-3) ** 2))
+    d2 = r[:, None] + r[None, :]
+    k = np.exp(-(d2 - d2.min()) / (2.0 * max(sigma, 1e-3) ** 2))  # shifted: a tiny sigma cannot underflow to 0
     return k / k.sum()
 
 
@@ -51,7 +52,8 @@ def anisotropic_gaussian_kernel(size: int, theta: float, l1: float, l2: float) -
     cov = rot @ np.diag([max(l1, 1e-2), max(l2, 1e-2)]) @ rot.T
     grid = np.arange(size) - (size - 1) / 2.0
     xy = np.stack(np.meshgrid(grid, grid, indexing="xy"), axis=-1)
-    k = np.exp(-0.5 * np.einsum("...i,ij,...j->...", xy, np.linalg.inv(cov), xy))
+    q = np.einsum("...i,ij,...j->...", xy, np.linalg.inv(cov), xy)
+    k = np.exp(-0.5 * (q - q.min()))
     return k / k.sum()
 
 
