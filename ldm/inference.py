@@ -1,0 +1,292 @@
+"""What every sampling script and notebook shares: load a model from a config and checkpoint, pick the device,
+autocast, run a named sampler with classifier-free guidance, and save numbered PNGs and a grid.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import enum
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm.checkpoint import load_state_dict
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.denoiser import DiscreteDenoiser, SigmaDenoiser
+from ldm.models.diffusion.guidance import CFGGuider, Conditioning
+from ldm.models.diffusion.plms import PLMSSampler
+from ldm.models.diffusion.sampling import (
+    get_sigmas_karras, initial_noise_scale, sample_ddpm, sample_dpmpp_2m, sample_euler, sample_euler_ancestral,
+    sample_heun,
+)
+from ldm.models.diffusion.timesteps import full_schedule
+from ldm.util import ConfigError, config_source, instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+
+class SamplerKind(str, enum.Enum):
+    DDIM = "ddim"
+    PLMS = "plms"
+    DPMPP_2M = "dpmpp_2m"
+    EULER = "euler"
+    EULER_ANCESTRAL = "euler_ancestral"
+    HEUN = "heun"
+    DDPM = "ddpm"
+
+
+SIGMA_SAMPLERS = {SamplerKind.DPMPP_2M: sample_dpmpp_2m, SamplerKind.EULER: sample_euler,
+                  SamplerKind.EULER_ANCESTRAL: sample_euler_ancestral, SamplerKind.HEUN: sample_heun}
+
+
+class Precision(str, enum.Enum):
+    AUTOCAST = "autocast"  # float16 autocast on accelerators
+    BF16 = "bf16"          # bfloat16 autocast on accelerators
+    FULL = "full"
+
+
+def get_device(name: str | None = None) -> torch.device:
+    """`name` if given, else the first available of cuda, mps and cpu."""
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device(torch.cuda.current_device())
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device, precision: str | Precision = Precision.AUTOCAST) -> contextlib.AbstractContextManager:
+    """Mixed precision on accelerators (float16 or bfloat16); a no-op on CPU or with ``full`` precision."""
+    precision = Precision(precision)
+    if precision is Precision.FULL or device.type == "cpu":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision is Precision.BF16 else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def load_config(*paths: str | Path) -> Any:
+    """The OmegaConf merge of YAML files; a missing file raises FileNotFoundError naming it."""
+    from omegaconf import OmegaConf
+
+    for p in paths:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"config not found: {p}")
+    return OmegaConf.merge(*[OmegaConf.load(p) for p in paths])
+
+
+def load_model(config: str | Path, ckpt: str | Path | None, device: torch.device | str | None = None,
+               strict: bool = False) -> torch.nn.Module:
+    """Builds ``config.model`` and loads the weights of `ckpt` (safely: no code in the file runs).
+
+    :param config: a YAML file with a ``model`` section (as the original's configs).
+    :param ckpt: a Lightning ``.ckpt`` or a ``.safetensors`` file (None keeps the random initialisation).
+    :return: the model in eval mode on `device` (default: :func:`get_device`).
+    :raises FileNotFoundError: naming the config or checkpoint path.
+    :raises ConfigError: when the config has no ``model`` or the checkpoint does not fit it.
+    """
+    cfg = load_config(config)
+    if "model" not in cfg:
+        raise ConfigError(f"config {config} has no 'model' section")
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+    with config_source(config):
+        model = instantiate_from_config(cfg.model)
+    if ckpt is not None:
+        state_dict = load_state_dict(ckpt)
+        missing, unexpected = model.load_state_dict(state_dict, strict=strict)
+        if len(missing) == len(model.state_dict()):
+            raise ConfigError(f"checkpoint {ckpt} has none of the weights of the model in {config}")
+        if missing:
+            logger.warning("%d keys missing from %s, e.g. %s", len(missing), ckpt, missing[:3])
+        if unexpected:
+            logger.warning("%d unexpected keys in %s, e.g. %s", len(unexpected), ckpt, unexpected[:3])
+    return model.to(get_device() if device is None else torch.device(device)).eval()
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(iter(model.buffers()), next(model.parameters())).device
+
+
+@torch.no_grad()
+def downsampling_factor(model: Any) -> int:
+    """The first stage's spatial factor f (image size / latent size), measured by decoding a 4x4 latent."""
+    device = model_device(model)
+    z = torch.zeros(1, model.channels, 4, 4, device=device)
+    return model.decode_first_stage(z).shape[-1] // 4
+
+
+@torch.no_grad()
+def sample_latents(model: Any, sampler: str | SamplerKind, shape: Sequence[int], cond: Conditioning = None,
+                   uncond: Conditioning = None, scale: float = 1.0, steps: int = 50, eta: float = 0.0,
+                   x_T: torch.Tensor | None = None, mask: torch.Tensor | None = None, x0: torch.Tensor | None = None,
+                   verbose: bool = False) -> torch.Tensor:
+    """Samples latents of `shape` ([N x C x h x w]) with a named sampler and guidance ``uc + scale (c - uc)``.
+
+    The sigma-space samplers use Karras et al.'s noise levels between the model's sigma_min and sigma_max;
+    ``ddpm`` runs all of the model's steps (ignoring `steps`). `x_T` is standard normal noise.
+    """
+    sampler = SamplerKind(sampler)
+    device = model_device(model)
+    x_T = torch.randn(tuple(shape), device=device) if x_T is None else x_T
+    if sampler in (SamplerKind.DDIM, SamplerKind.PLMS):
+        cls = DDIMSampler if sampler is SamplerKind.DDIM else PLMSSampler
+        out, _ = cls(model).sample(S=steps, batch_size=shape[0], shape=tuple(shape[1:]), conditioning=cond,
+                                   eta=eta, x_T=x_T, mask=mask, x0=x0, verbose=verbose,
+                                   unconditional_guidance_scale=scale, unconditional_conditioning=uncond)
+        return out
+    guider = CFGGuider(scale, uncond)
+    if sampler is SamplerKind.DDPM:
+        schedule = full_schedule(model.alphas_cumprod, model.alphas_cumprod_prev)
+        return sample_ddpm(DiscreteDenoiser(model, guider), x_T, schedule, extra_args={"cond": cond},
+                           disable=not verbose, mask=mask, x0=x0)
+    if mask is not None:
+        raise ValueError(f"the {sampler.value} sampler does not support masks; use ddim, plms or ddpm")
+    denoiser = SigmaDenoiser(model, guider)
+    sigmas = get_sigmas_karras(steps, float(denoiser.sigma_min), float(denoiser.sigma_max), device=device)
+    x = x_T * initial_noise_scale(sigmas[0])
+    return SIGMA_SAMPLERS[sampler](denoiser, x, sigmas, extra_args={"cond": cond}, disable=not verbose)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[N x 3 x H x W] images in [-1, 1] -> an [N x H x W x 3] uint8 array."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round()
+    return x.permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """An image file as a [1 x 3 x H x W] float Tensor in [-1, 1] (any mode is converted to RGB)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        image = Image.open(path)
+        image.load()
+    except OSError as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+    if image.mode != "RGB":
+        logger.info("converting %s from %s to RGB", path, image.mode)
+        image = image.convert("RGB")
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
+    return x.permute(2, 0, 1)[None]
+
+
+def _next_index(folder: Path, pattern: str) -> int:
+    return len(list(folder.glob(pattern)))
+
+
+def save_samples(images: np.ndarray, outdir: str | Path) -> list[Path]:
+    """Writes [N x H x W x 3] uint8 images to ``outdir/samples/NNNNN.png``, numbering on from existing files."""
+    folder = Path(outdir) / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    start = _next_index(folder, "[0-9]" * 5 + ".png")
+    paths = []
+    for i, image in enumerate(images):
+        path = folder / f"{start + i:05}.png"
+        Image.fromarray(image).save(path)
+        paths.append(path)
+    return paths
+
+
+def make_grid(images: np.ndarray, n_rows: int | None = None, padding: int = 2) -> np.ndarray:
+    """Tiles [N x H x W x 3] uint8 images into one [rows*(H+p)+p x cols*(W+p)+p x 3] image, `n_rows` per row."""
+    n, h, w, c = images.shape
+    cols = n_rows or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, c), dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, q = divmod(i, cols)
+        y, x = padding + r * (h + padding), padding + q * (w + padding)
+        grid[y:y + h, x:x + w] = image
+    return grid
+
+
+def save_grid(images: np.ndarray, outdir: str | Path, n_rows: int | None = None) -> Path:
+    """Writes the grid of `images` to ``outdir/grid-NNNN.png``, numbering on from existing grids."""
+    folder = Path(outdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"grid-{_next_index(folder, 'grid-' + '[0-9]' * 4 + '.png'):04}.png"
+    Image.fromarray(make_grid(images, n_rows)).save(path)
+    return path
+
+
+@contextlib.contextmanager
+def ema_weights(model: Any) -> Iterator[None]:
+    """The model's EMA weights while inside (a no-op for models without ``ema_scope``)."""
+    scope = getattr(model, "ema_scope", None)
+    with (scope("sampling") if callable(scope) else contextlib.nullcontext()):
+        yield
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds torch (all devices) and numpy."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, outdir: str, config: str | None, ckpt: str | None,
+                           scale: float = 1.0, steps: int = 50, n_samples: int = 4) -> None:
+    """The arguments every sampling script shares (model, device, sampler, guidance, seeds, outputs)."""
+    parser.add_argument("--config", default=config, required=config is None, help="model config (YAML)")
+    parser.add_argument("--ckpt", default=ckpt, required=ckpt is None, help="checkpoint (.ckpt or .safetensors)")
+    parser.add_argument("--outdir", default=outdir, help="output folder")
+    parser.add_argument("--sampler", default=SamplerKind.DDIM.value, choices=[k.value for k in SamplerKind])
+    parser.add_argument("--ddim_steps", "--steps", dest="ddim_steps", type=int, default=steps,
+                        help="number of sampling steps")
+    parser.add_argument("--ddim_eta", "--eta", dest="ddim_eta", type=float, default=0.0,
+                        help="DDIM eta (0: deterministic, 1: DDPM-like)")
+    parser.add_argument("--scale", type=float, default=scale,
+                        help="classifier-free guidance scale: uc + scale * (c - uc); 1 disables guidance")
+    parser.add_argument("--n_samples", type=int, default=n_samples, help="batch size")
+    parser.add_argument("--n_iter", type=int, default=1, help="batches per prompt or class")
+    parser.add_argument("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
+    parser.add_argument("--seed", type=int, default=42, help="random seed")
+    parser.add_argument("--precision", default=Precision.AUTOCAST.value, choices=[p.value for p in Precision],
+                        help="autocast (float16) or bf16 on accelerators, or full precision")
+    parser.add_argument("--device", default=None, help="device (default: cuda, else mps, else cpu)")
+
+
+def run_script(main: Callable[[], None]) -> None:
+    """Runs a script's `main`, turning bad input (missing files, bad values) into a one-line error and exit 2."""
+    try:
+        main()
+    except (FileNotFoundError, ValueError, ConfigError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        raise SystemExit(2) from None
+
+
+@torch.no_grad()
+def text_conditioning(model: Any, prompts: Sequence[str], negative_prompt: str = "",
+                      scale: float = 1.0) -> tuple[Conditioning, Conditioning]:
+    """(c, uc) for a text model: the prompts' embeddings and, when guiding, the negative (default empty) one."""
+    c = model.get_learned_conditioning(list(prompts))
+    uc = model.get_learned_conditioning([negative_prompt] * len(prompts)) if scale != 1.0 else None
+    return c, uc
+
+
+def null_class(model: Any) -> int:
+    """The null label of a class-conditional model (``ucg_null_label`` or ``n_classes - 1``, as the original)."""
+    label = getattr(model, "null_label", None)
+    if label is None:
+        label = int(model.cond_stage_model.n_classes) - 1
+    return int(label)
+
+
+@torch.no_grad()
+def class_conditioning(model: Any, labels: torch.Tensor, scale: float = 1.0) -> tuple[Conditioning, Conditioning]:
+    """(c, uc) for a class-conditional model and [N] labels; uc is the null class when guiding."""
+    key = getattr(model.cond_stage_model, "key", None) or model.cond_stage_key
+    labels = labels.to(model_device(model))
+    c = model.get_learned_conditioning({key: labels})
+    uc = model.get_learned_conditioning({key: torch.full_like(labels, null_class(model))}) if scale != 1.0 else None
+    return c, uc
+
+
+def is_class_conditional(model: Any) -> bool:
+    return model.cond_stage_model is not None and hasattr(model.cond_stage_model, "n_classes")

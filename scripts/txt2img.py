@@ -1,0 +1,77 @@
+"""Text-to-image sampling from a latent diffusion checkpoint, with classifier-free guidance.
+
+Writes ``OUTDIR/samples/NNNNN.png`` for every image and ``OUTDIR/grid-NNNN.png`` for the run. Sizes beyond the
+training size (``--H``/``--W``) sample convolutionally.
+
+    python scripts/txt2img.py --prompt "a virus monster playing guitar" --config cfg.yaml --ckpt model.ckpt
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ldm.inference import (  # noqa: E402
+    add_sampling_arguments, autocast, downsampling_factor, ema_weights, get_device, load_model, run_script,
+    sample_latents, save_grid, save_samples, seed_everything, text_conditioning, to_uint8,
+)
+
+
+def read_prompts(opt: argparse.Namespace) -> list[str]:
+    """The prompts of ``--from-file`` (one per line, blank lines skipped), else ``--prompt``."""
+    if opt.from_file is None:
+        if not opt.prompt.strip():
+            raise ValueError("--prompt is empty")
+        return [opt.prompt]
+    path = Path(opt.from_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file {path} has no prompts (one prompt per line)")
+    return prompts
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt", default="a painting of a virus monster playing guitar")
+    parser.add_argument("--from-file", dest="from_file", default=None, help="a file with one prompt per line")
+    parser.add_argument("--negative_prompt", default="", help="the unconditional prompt of guidance")
+    parser.add_argument("--H", type=int, default=256, help="image height in pixels")
+    parser.add_argument("--W", type=int, default=256, help="image width in pixels")
+    add_sampling_arguments(parser, outdir="outputs/txt2img-samples",
+                           config="configs/latent-diffusion/txt2img-1p4B-eval.yaml",
+                           ckpt="models/ldm/text2img-large/model.ckpt", scale=5.0)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    opt = parse_args(argv)
+    prompts = read_prompts(opt)
+    device = get_device(opt.device)
+    model = load_model(opt.config, opt.ckpt, device)
+    f = downsampling_factor(model)
+    if opt.H % f or opt.W % f:
+        raise ValueError(f"--H {opt.H} and --W {opt.W} must be multiples of the first stage's factor {f}")
+    seed_everything(opt.seed)
+    shape = (opt.n_samples, model.channels, opt.H // f, opt.W // f)
+    images = []
+    with torch.no_grad(), autocast(device, opt.precision), ema_weights(model):
+        for prompt in prompts:
+            for _ in range(opt.n_iter):
+                c, uc = text_conditioning(model, [prompt] * opt.n_samples, opt.negative_prompt, opt.scale)
+                z = sample_latents(model, opt.sampler, shape, c, uc, opt.scale, opt.ddim_steps, opt.ddim_eta)
+                batch = to_uint8(model.decode_first_stage(z))
+                save_samples(batch, opt.outdir)
+                images.append(batch)
+    grid = save_grid(np.concatenate(images), opt.outdir, opt.n_rows or opt.n_samples)
+    print(f"samples in {Path(opt.outdir) / 'samples'}, grid {grid}")
+
+
+if __name__ == "__main__":
+    run_script(main)
