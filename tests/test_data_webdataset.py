@@ -99,3 +99,18 @@ def test_seeded_shuffle_is_a_reproducible_permutation(tmp_path):
     ds = WebImageCaptionDataset(urls, size=8, shuffle_buffer=8, seed=1)
     ds.set_epoch(1)
     assert order(ds) != a
+
+
+def test_torch_distributed_takes_precedence_over_the_environment(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    from ldm.data.webdataset import rank_and_world_size
+
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert rank_and_world_size() == (3, 4)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert rank_and_world_size() == (0, 1)
+    finally:
+        dist.destroy_process_group()
