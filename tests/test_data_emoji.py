@@ -98,9 +98,9 @@ def test_zero_jitter_is_the_identity_and_flip_mirrors():
 
 
 def test_subset_selection_by_character_name_and_code_point():
-    ds = _plain(names=["\U0001F436", "cat face", "1F34E", "U+1F34C"], repeats=1)
-    assert ds.captions == ["dog face", "cat face", "red apple", "banana"]
-    assert len(ds) == 4 and [ds[i]["class_label"] for i in range(4)] == [0, 1, 2, 3]
+    ds = _plain(names=["\U0001F436", "cat face", "1F34E", "U+1F34C", "\u2764\ufe0f"], repeats=1)
+    assert ds.captions == ["dog face", "cat face", "red apple", "banana", "heavy black heart"]
+    assert len(ds) == 5 and [ds[i]["class_label"] for i in range(5)] == [0, 1, 2, 3, 4]
     assert _plain(max_classes=5).num_classes == 5
     assert len(_plain(length=1000)) == 1000
 

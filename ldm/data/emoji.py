@@ -63,8 +63,9 @@ def default_font_path() -> Path:
 
 
 def resolve_emoji(entry: str) -> str:
-    """One emoji from the character itself, its Unicode name ("grinning face") or code point ("1F600")."""
-    text = entry.strip()
+    """One emoji from the character itself (a trailing emoji presentation selector U+FE0F is dropped), its
+    Unicode name ("grinning face") or code point ("1F600")."""
+    text = entry.strip().replace("\ufe0f", "")
     if len(text) == 1:
         return text
     try:
