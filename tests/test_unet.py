@@ -225,6 +225,9 @@ def test_bf16_autocast_and_channels_last():
         low = model(x, t, context=ctx)
     assert torch.isfinite(low).all()
     assert (low.float() - ref).norm() / ref.norm() < 0.05
+    # a model cast to bfloat16 as a whole runs too (normalisation in float32) and returns bfloat16
+    half = model.to(torch.bfloat16)(x.bfloat16(), t, context=ctx.bfloat16())
+    assert half.dtype == torch.bfloat16 and (half.float() - ref).norm() / ref.norm() < 0.05
     norm = GroupNorm32(2, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = norm(torch.randn(1, 4, 3, 3, dtype=torch.bfloat16))

@@ -27,6 +27,22 @@ __all__ = ["UNetModel", "AttentionBlock", "Downsample", "QKVAttention", "QKVAtte
            "TimestepBlock", "TimestepEmbedSequential", "Upsample"]
 
 
+def _validate_arguments(use_spatial_transformer: bool, context_dim: int | None, num_heads: int,
+                        num_head_channels: int, use_fp16: bool) -> None:
+    """Raises ValueError for the combinations of UNetModel arguments the original rejected (or silently broke on)."""
+    if use_spatial_transformer and context_dim is None:
+        raise ValueError("UNetModel: use_spatial_transformer=True needs 'context_dim' (the width of the "
+                         "cross-attention conditioning)")
+    if context_dim is not None and not use_spatial_transformer:
+        raise ValueError("UNetModel: 'context_dim' is set but use_spatial_transformer is False; cross-attention "
+                         "conditioning needs use_spatial_transformer=True")
+    if num_heads == -1 and num_head_channels == -1:
+        raise ValueError("UNetModel: set either 'num_heads' or 'num_head_channels'")
+    if use_fp16:
+        raise ValueError("UNetModel: use_fp16=True is not supported (the original's float16 path never worked); "
+                         "use mixed precision instead, e.g. Lightning precision='bf16-mixed'")
+
+
 class UNetModel(nn.Module):
     """The full UNet with timestep embedding, self-attention or cross-attention (SpatialTransformer) blocks.
 
@@ -86,17 +102,7 @@ class UNetModel(nn.Module):
         use_linear_in_transformer: bool = False,
     ):
         super().__init__()
-        if use_spatial_transformer and context_dim is None:
-            raise ValueError("UNetModel: use_spatial_transformer=True needs 'context_dim' (the width of the "
-                             "cross-attention conditioning)")
-        if context_dim is not None and not use_spatial_transformer:
-            raise ValueError("UNetModel: 'context_dim' is set but use_spatial_transformer is False; cross-attention "
-                             "conditioning needs use_spatial_transformer=True")
-        if num_heads == -1 and num_head_channels == -1:
-            raise ValueError("UNetModel: set either 'num_heads' or 'num_head_channels'")
-        if use_fp16:
-            raise ValueError("UNetModel: use_fp16=True is not supported (the original's float16 path never worked); "
-                             "use mixed precision instead, e.g. Lightning precision='bf16-mixed'")
+        _validate_arguments(use_spatial_transformer, context_dim, num_heads, num_head_channels, use_fp16)
         self.image_size = image_size
         self.in_channels = in_channels
         self.model_channels = model_channels
