@@ -206,7 +206,8 @@ def test_ancestral_sampling_and_log_images():
     log = m.log_images(batch, N=2, n_row=2)
     assert log["inputs"].shape == (2, 3, 4, 4) and log["samples"].shape == (2, 3, 4, 4)
     torch.testing.assert_close(log["inputs"], batch["image"][:2].permute(0, 3, 1, 2))
-    assert log["diffusion_row"].shape[0] == 3
+    assert log["diffusion_row"].shape[:2] == (1, 3)  # one grid: 2 rows x 3 steps (t = 0, 5, 9)
+    assert log["diffusion_row"].shape[-1] == 2 + 3 * (4 + 2)
 
 
 def test_p_sample_matches_posterior_at_last_step():

@@ -1,5 +1,5 @@
-"""Images that DDPM/LatentDiffusion ``log_images`` return for the image logger (all [N x C x H x W] in [-1, 1],
-or grids [3 x H' x W'] for the rows).
+"""Images that DDPM/LatentDiffusion ``log_images`` return for the image logger (all [N x C x H x W] in [-1, 1];
+the rows are grids given as [1 x C x H' x W']).
 """
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ logger = logging.getLogger(__name__)
 
 
 def rows_grid(samples: Sequence[torch.Tensor]) -> torch.Tensor:
-    """A grid with one row per example and one column per entry of `samples` (each [B x C x H x W])."""
+    """A grid with one row per example and one column per entry of `samples` (each [B x C x H x W]), as a
+    batch of one image [1 x C x H' x W'] so that image loggers treat it like the other entries."""
     stacked = torch.stack(list(samples))  # n, b, c, h, w
     n = stacked.shape[0]
-    return make_grid(stacked.transpose(0, 1).flatten(0, 1), nrow=n)
+    return make_grid(stacked.transpose(0, 1).flatten(0, 1), nrow=n)[None]
 
 
 def diffusion_steps(model: Any) -> list[int]:
