@@ -104,3 +104,12 @@ def test_faces_plain_folder_and_missing_root(tmp_path):
     assert len(train) + len(val) == 12
     with pytest.raises(FileNotFoundError, match="nowhere"):
         FFHQTrain(size=16, root=str(tmp_path / "nowhere"))
+    for i in range(12):  # a plain folder of CelebA-HQ arrays
+        np.save(tmp_path / "ffhq" / f"{i}.npy", natural("chelsea", side=20).transpose(2, 0, 1)[None])
+    both = CelebAHQTrain(size=16, root=str(tmp_path / "ffhq"), file_list=str(tmp_path / "none.txt"),
+                         val_fraction=0.25)
+    every = sorted(p.name for p in (tmp_path / "ffhq").iterdir())
+    assert both.relpaths == [r for r in every if not in_validation_split(r, 0.25)]
+    assert {Path(r).suffix for r in both.relpaths} == {".png", ".npy"}
+    images_only = LSUNBedroomsTrain(data_root=str(tmp_path / "ffhq"), size=16, val_fraction=0.25)
+    assert images_only.relpaths == [r for r in both.relpaths if r.endswith(".png")]  # other listings skip arrays

@@ -26,8 +26,8 @@ from torch.utils.data import Dataset, IterableDataset
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm",
-                              ".npy"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"})
+ARRAY_EXTENSIONS = frozenset({".npy"})  # uint8 image arrays (CelebA-HQ); listed only where asked for
 WHITE = (255, 255, 255)
 
 
@@ -193,10 +193,11 @@ def require_dir(path: str | Path, what: str) -> Path:
     return p
 
 
-def list_images(root: str | Path, recursive: bool = True) -> list[Path]:
+def list_images(root: str | Path, recursive: bool = True,
+                extensions: frozenset[str] = IMAGE_EXTENSIONS) -> list[Path]:
     """Image files under `root` (by extension, case-insensitive), sorted for a stable order."""
     pattern = "**/*" if recursive else "*"
-    return sorted(p for p in Path(root).glob(pattern) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return sorted(p for p in Path(root).glob(pattern) if p.suffix.lower() in extensions and p.is_file())
 
 
 def read_file_list(txt_file: str | Path) -> list[str]:
@@ -212,18 +213,20 @@ def in_validation_split(relpath: str, val_fraction: float) -> bool:
 
 
 def listed_or_folder_files(txt_file: str | Path | None, data_root: str | Path, validation: bool,
-                           val_fraction: float, what: str) -> tuple[Path, list[str]]:
+                           val_fraction: float, what: str,
+                           extensions: frozenset[str] = IMAGE_EXTENSIONS) -> tuple[Path, list[str]]:
     """The files of one split: the lines of `txt_file` (paths relative to `data_root`) when that file exists,
     else the images under the folder `data_root` split by :func:`in_validation_split`.
 
     :param what: names the dataset in errors.
+    :param extensions: file suffixes a folder is searched for.
     :return: the root and the relative paths (sorted for folders, in list order for file lists).
     """
     root = Path(data_root).expanduser()
     if txt_file is not None and Path(txt_file).expanduser().is_file():
         return root, read_file_list(Path(txt_file).expanduser())
     if root.is_dir():
-        rel = [p.relative_to(root).as_posix() for p in list_images(root)]
+        rel = [p.relative_to(root).as_posix() for p in list_images(root, extensions=extensions)]
         rel = [r for r in rel if in_validation_split(r, val_fraction) == validation]
         if not rel:
             raise FileNotFoundError(f"{what}: no images for this split under {root}")

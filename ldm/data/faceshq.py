@@ -15,8 +15,8 @@ from typing import Any, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from ldm.data.base import (RobustImageDataset, SquareCrop, item_rng, listed_or_folder_files, open_image,
-                           to_model_image)
+from ldm.data.base import (ARRAY_EXTENSIONS, IMAGE_EXTENSIONS, RobustImageDataset, SquareCrop, item_rng,
+                           listed_or_folder_files, open_image, to_model_image)
 
 
 class FacesBase(RobustImageDataset):
@@ -41,7 +41,8 @@ class FacesBase(RobustImageDataset):
                  min_image_size: int = 8, seed: int | None = None) -> None:
         super().__init__()
         self.root, self.relpaths = listed_or_folder_files(file_list or self.FILE_LIST, root or self.ROOT,
-                                                          self.VALIDATION, val_fraction, type(self).__name__)
+                                                          self.VALIDATION, val_fraction, type(self).__name__,
+                                                          extensions=IMAGE_EXTENSIONS | ARRAY_EXTENSIONS)
         self.keys = list(keys) if keys is not None else None
         self.transform = SquareCrop(size=size, flip_p=flip_p)
         self.min_image_size = min_image_size
