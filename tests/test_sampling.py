@@ -97,8 +97,9 @@ def test_ddim_timesteps_are_the_originals():
         make_ddim_timesteps("cubic", 10, 1000)
     with pytest.raises(ValueError, match="sampling steps"):
         make_ddim_timesteps("uniform", 2000, 1000)
-    with pytest.raises(ValueError, match="timestep 1000"):  # range(0, 1000, 3) + 1 ends at 1000
-        make_ddim_timesteps("uniform", 333, 1000)
+    # the original's range(0, 1000, 333) + 1 ends at 1000, past the schedule: that step is dropped
+    np.testing.assert_array_equal(make_ddim_timesteps("uniform", 3, 1000), [1, 334, 667])
+    assert make_ddim_timesteps("uniform", 333, 1000)[-1] == 998
 
 
 @pytest.fixture

@@ -109,3 +109,92 @@ def test_txt2img_bad_inputs(models, tmp_path):
     proc = run("txt2img.py", "--config", models["txt2img"][0], "--ckpt", missing, "--outdir", tmp_path, ok=False)
     assert proc.returncode == 2 and f"checkpoint not found: {missing}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_sample_diffusion_class_conditional_with_npz(models, tmp_path):
+    out = tmp_path / "cin"
+    run("sample_diffusion.py", *model_args(models, "class"), "--outdir", out, "--classes", 1, 7, "--n_samples", 2,
+        "--ddim_steps", 4, "--scale", 3.0, "--npz", "--sampler", "plms")
+    data = np.load(out / "samples.npz")
+    assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (4, 32, 32, 3)
+    np.testing.assert_array_equal(data["arr_1"], [1, 1, 7, 7])
+    files = sorted((out / "samples").glob("*.png"))
+    assert len(files) == 4
+    np.testing.assert_array_equal(png(files[3]), data["arr_0"][3])  # the PNGs are the npz images
+    assert (out / "grid-0000.png").is_file()
+
+
+def test_sample_diffusion_unconditional_and_bad_classes(models, tmp_path):
+    out = tmp_path / "uncond"
+    sample_diffusion = load_script("sample_diffusion")  # in process: the subprocess path is tested above
+    sample_diffusion.main([*map(str, model_args(models, "uncond")), "--outdir", str(out), "--n_samples", "3",
+                           "--ddim_steps", "3", "--npz", "--sampler", "euler"])
+    data = np.load(out / "samples.npz")
+    assert data["arr_0"].shape == (3, 32, 32, 3) and "arr_1" not in data
+    with pytest.raises(ValueError, match="null class 10"):
+        sample_diffusion.main([*map(str, model_args(models, "class")), "--classes", "10", "--outdir",
+                               str(tmp_path / "bad")])
+
+
+def write_image(path: Path, size=(32, 32), mode="RGB", seed=0):
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4}.get(mode)
+    shape = (size[1], size[0]) if channels is None else (size[1], size[0], channels)
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(path)
+
+
+def test_inpaint_keeps_the_known_pixels(models, tmp_path):
+    indir, out = tmp_path / "in", tmp_path / "out"
+    indir.mkdir()
+    write_image(indir / "a.png")
+    write_image(indir / "b.png", mode="RGBA", seed=1)  # non-RGB images are converted
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[8:24, 8:24] = 255
+    for name in ("a", "b"):
+        Image.fromarray(mask, "L").save(indir / f"{name}_mask.png")
+    run("inpaint.py", *model_args(models, "inpaint"), "--indir", indir, "--outdir", out, "--steps", 3)
+    for name in ("a", "b"):
+        with Image.open(indir / f"{name}.png") as im:
+            source = np.asarray(im.convert("RGB")).astype(int)
+        result = png(out / f"{name}.png").astype(int)
+        known = mask == 0
+        assert np.abs(result[known] - source[known]).max() <= 1
+        assert np.abs(result[~known] - source[~known]).mean() > 5
+
+
+def test_inpaint_bad_inputs(models, tmp_path):
+    inpaint = load_script("inpaint")
+    args = [*map(str, model_args(models, "inpaint")), "--outdir", str(tmp_path / "out")]
+    indir = tmp_path / "in"
+    indir.mkdir()
+    write_image(indir / "a.png")
+    with pytest.raises(FileNotFoundError, match="a_mask.png"):
+        inpaint.main([*args, "--indir", str(indir)])
+    Image.fromarray(np.zeros((16, 32), dtype=np.uint8), "L").save(indir / "a_mask.png")
+    with pytest.raises(ValueError, match="mask .*a_mask.png is 32x16 but image .*a.png is 32x32"):
+        inpaint.main([*args, "--indir", str(indir)])
+
+
+def test_superres_gives_four_times_the_input(models, tmp_path):
+    lr, out = tmp_path / "lr.png", tmp_path / "sr"
+    write_image(lr, size=(12, 8), mode="L")
+    run("superres.py", *model_args(models, "superres"), "--input", lr, "--outdir", out, "--steps", 3)
+    assert png(out / "samples" / "00000.png").shape == (32, 48, 3)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot read image .*bad.png"):
+        load_script("superres").main([*map(str, model_args(models, "superres")), "--input", str(bad)])
+
+
+def test_img2img_strength(models, tmp_path):
+    init = tmp_path / "init.png"
+    write_image(init, size=(40, 36))
+    out = tmp_path / "i2i"
+    run("img2img.py", *model_args(models, "txt2img"), "--init-img", init, "--prompt", "a cat", "--outdir", out,
+        "--strength", 0.5, "--ddim_steps", 4, "--n_samples", 2, "--scale", 2.0)
+    files = sorted((out / "samples").glob("*.png"))
+    assert len(files) == 2 and png(files[0]).shape == (32, 32, 3)  # cropped to a multiple of 8 f = 32
+    assert (out / "grid-0000.png").is_file()
+    with pytest.raises(ValueError, match="strength"):
+        load_script("img2img").main([*map(str, model_args(models, "txt2img")), "--init-img", str(init),
+                                     "--strength", "1.5"])

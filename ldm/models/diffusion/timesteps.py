@@ -29,7 +29,8 @@ def make_ddim_timesteps(method: str | DDIMDiscretization, num_ddim_timesteps: in
                         num_ddpm_timesteps: int) -> np.ndarray:
     """The increasing DDPM timesteps a DDIM run of `num_ddim_timesteps` steps visits (the original's spacing).
 
-    :return: an int64 array; 'uniform' yields ``ceil(T / (T // S))`` entries, as in the original.
+    :return: an int64 array; 'uniform' yields ``ceil(T / (T // S))`` entries, as in the original, less any
+        past the end of the schedule.
     """
     method = DDIMDiscretization.parse(method)
     if not 0 < num_ddim_timesteps <= num_ddpm_timesteps:
@@ -40,11 +41,9 @@ def make_ddim_timesteps(method: str | DDIMDiscretization, num_ddim_timesteps: in
     else:
         steps = (np.linspace(0, np.sqrt(num_ddpm_timesteps * 0.8), num_ddim_timesteps) ** 2).astype(int)
     steps = (steps + 1).astype(np.int64)
-    if steps[-1] >= num_ddpm_timesteps:
-        raise ValueError(f"{num_ddim_timesteps} '{method.value}' steps select timestep {steps[-1]}, beyond the "
-                         f"{num_ddpm_timesteps}-step schedule (the original's spacing); choose another number "
-                         f"of steps, or use_original_steps for all of them")
-    return steps
+    # where the original's 'uniform' spacing runs past the schedule (e.g. 3 of 1000 steps: 1, 334, 667, 1000),
+    # the original indexed out of range; the steps beyond the schedule are dropped instead
+    return steps[steps < num_ddpm_timesteps]
 
 
 @dataclasses.dataclass
