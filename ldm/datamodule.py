@@ -5,6 +5,7 @@ Configs name it as ``main.DataModuleFromConfig`` (re-exported by ``main.py``) or
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Mapping
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from ldm.callbacks.reliability import ResumableSampler
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -89,6 +91,10 @@ class DataModuleFromConfig(pl.LightningDataModule):
         dataset = self.datasets[split]
         iterable = isinstance(dataset, IterableDataset)
         init_fn = worker_init_fn if (iterable or self.use_worker_init_fn) else None
+        shuffle = self.shuffle[split] and not iterable
+        # the train order depends only on (seed, epoch), so a resumed run continues it exactly
+        seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
+        sampler = ResumableSampler(len(dataset), seed=seed) if shuffle and split == "train" else None
         return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                          shuffle=self.shuffle[split] and not iterable, worker_init_fn=init_fn,
+                          shuffle=shuffle and sampler is None, sampler=sampler, worker_init_fn=init_fn,
                           persistent_workers=self.num_workers > 0 and split == "train")

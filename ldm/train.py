@@ -13,9 +13,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.callbacks import SetupCallback
+from ldm.callbacks.reliability import preempted, reliability_callbacks, reliability_plugins, validate_config
 from ldm.cli import (RunPaths, device_count, merge_configs, parse_cli, resolve_run,
                      scaled_learning_rate, split_cli_args, trainer_arguments)
-from ldm.util import config_source, instantiate_from_config
+from ldm.util import as_list, config_source, instantiate_from_config
 
 logger = logging.getLogger("main")
 
@@ -98,6 +99,7 @@ def build(opt: Any, unknown: Sequence[str], now: str) -> tuple[RunPaths, DictCon
     if opt.gpus is not None:
         trainer_config.gpus = opt.gpus
     lightning_config.trainer = trainer_config
+    validate_config(config, lightning_config)
     trainer_kwargs = trainer_arguments(OmegaConf.to_container(trainer_config), gpus=opt.gpus)
     with config_source(*run.base):
         model = instantiate_from_config(config.model)
@@ -107,8 +109,10 @@ def build(opt: Any, unknown: Sequence[str], now: str) -> tuple[RunPaths, DictCon
                                    cfgdir=str(run.cfgdir), config=config, lightning_config=lightning_config)]
         callbacks_cfg = callbacks_config(lightning_config, run, model)
         callbacks += [instantiate_from_config(callbacks_cfg[k]) for k in callbacks_cfg]
+        callbacks += reliability_callbacks(lightning_config, run.ckptdir)
         trainer_logger = instantiate_from_config(logger_config(lightning_config, run, opt.debug))
-    trainer = pl.Trainer(**trainer_kwargs, logger=trainer_logger, callbacks=callbacks,
+    plugins = [*as_list(trainer_kwargs.pop("plugins", None) or []), *reliability_plugins(lightning_config)]
+    trainer = pl.Trainer(**trainer_kwargs, plugins=plugins, logger=trainer_logger, callbacks=callbacks,
                          default_root_dir=str(run.logdir))
     return run, config, model, data, trainer
 
@@ -132,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if opt.train:
             ckpt = str(run.resume_ckpt) if run.resume_ckpt else None
             trainer.fit(model, data, ckpt_path=ckpt, weights_only=True)
-        if not opt.no_test and not trainer.interrupted:
+        if not opt.no_test and not trainer.interrupted and not preempted(trainer):
             if _has_split(data, "test"):
                 trainer.test(model, data)
             else:

@@ -33,7 +33,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from torch.utils.data import Sampler
+from torch.utils.data import RandomSampler
 
 from ldm.checkpoint import atomic_write, load_checkpoint, save_safetensors
 from ldm.util import ConfigError
@@ -104,6 +104,7 @@ class PreemptionCheckpoint(pl.Callback):
         self.ckpt_path = Path(ckpt_path)
         self.signals = [_signal_number(s) for s in signals]
         self.requested: int | None = None
+        self.stopped = False
         self._previous: dict[int, Any] = {}
         self._wrapped: pl.LightningModule | None = None
 
@@ -139,6 +140,7 @@ class PreemptionCheckpoint(pl.Callback):
         trainer.save_checkpoint(self.ckpt_path)
         trainer.should_stop = True
         self.requested = None
+        self.stopped = True
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for signum, handler in self._previous.items():
@@ -147,6 +149,11 @@ class PreemptionCheckpoint(pl.Callback):
         if self._wrapped is not None:
             del self._wrapped.on_train_batch_end
             self._wrapped = None
+
+
+def preempted(trainer: pl.Trainer) -> bool:
+    """Whether a :class:`PreemptionCheckpoint` of `trainer` stopped the run on a signal (skip any test run)."""
+    return any(isinstance(c, PreemptionCheckpoint) and c.stopped for c in trainer.callbacks)
 
 
 def _signal_number(sig: str | int) -> int:
@@ -252,21 +259,20 @@ class StepSeeding(pl.Callback):
         random.seed(step_seed)
 
 
-class ResumableSampler(Sampler[int]):
-    """A seeded shuffling sampler whose order depends only on (seed, epoch) and that can skip consumed samples.
+class ResumableSampler(RandomSampler):
+    """A shuffling sampler whose order depends only on (seed, epoch) and that can skip consumed samples.
 
     Lightning calls :meth:`set_epoch` at each epoch start; :class:`ResumeDataOrder` calls :meth:`skip` when a
     run resumes in the middle of an epoch, so the resumed run sees exactly the batches the interrupted one
     had not yet seen.
 
     :param length: the dataset length.
-    :param shuffle: a fresh permutation per epoch (False: 0..length-1).
     """
 
-    def __init__(self, length: int, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(self, length: int, seed: int = 0) -> None:
+        super().__init__(range(int(length)))
         self.length = int(length)
         self.seed = int(seed)
-        self.shuffle = shuffle
         self.epoch = 0
         self._skip = 0
 
@@ -278,11 +284,8 @@ class ResumableSampler(Sampler[int]):
         self._skip = int(n)
 
     def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.length, generator=g).tolist()
-        else:
-            order = list(range(self.length))
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.length, generator=g).tolist()
         start, self._skip = self._skip, 0
         return iter(order[start:])
 
