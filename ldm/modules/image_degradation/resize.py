@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 from PIL import Image
+from scipy import sparse
 
 
 def _cubic(x: np.ndarray) -> np.ndarray:
@@ -54,7 +55,9 @@ def imresize(image: np.ndarray, scale: float | None = None, out_hw: tuple[int, i
         if scale is None or scale <= 0:
             raise ValueError(f"imresize needs a positive scale or out_hw, got scale={scale}")
         out_hw = (math.ceil(h * scale), math.ceil(w * scale))
-    rows, cols = resize_matrix(h, out_hw[0], antialias), resize_matrix(w, out_hw[1], antialias)
+    # sparse: each output pixel has a few taps, and small dense products spend their time in BLAS threading
+    rows = sparse.csr_matrix(resize_matrix(h, out_hw[0], antialias))
+    cols = sparse.csr_matrix(resize_matrix(w, out_hw[1], antialias))
     arr = np.asarray(image, dtype=np.float64)
     flat = arr.reshape(h, w, -1)
     out = (rows @ flat.reshape(h, -1)).reshape(out_hw[0], w, -1)  # [H', W, C]
