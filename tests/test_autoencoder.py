@@ -9,6 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from ldm.checkpoint import load_state_dict
 from ldm.models.autoencoder import (AutoencoderKL, IdentityFirstStage, VQModel, VQModelInterface,
                                     allow_missing_checkpoints)
 from ldm.modules.diffusionmodules.model import AttnBlock, Downsample, Encoder, LinAttnBlock, split_ddconfig
@@ -218,7 +219,7 @@ VQ_LOSS = {"target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminato
 
 
 @pytest.mark.parametrize("kind", ["kl", "vq"])
-def test_checkpoint_roundtrip_strict_and_loss_keys_ignored_inside_ldm(kind, tmp_path):
+def test_checkpoint_roundtrip_strict_and_loss_keys_ignored_inside_ldm(kind, tmp_path, caplog):
     torch.manual_seed(0)
     if kind == "kl":
         make = lambda loss, **kw: AutoencoderKL(ddconfig=_tiny_ddconfig(), lossconfig=loss, embed_dim=3, **kw)  # noqa
@@ -237,9 +238,12 @@ def test_checkpoint_roundtrip_strict_and_loss_keys_ignored_inside_ldm(kind, tmp_
     torch.save({"state_dict": sd, "global_step": 3}, ckpt)
 
     fresh = make(loss_cfg)
-    fresh.load_state_dict(torch.load(ckpt, weights_only=True)["state_dict"], strict=True)
+    fresh.load_state_dict(load_state_dict(ckpt), strict=True)
     loaded = make(loss_cfg, ckpt_path=str(ckpt))
-    inner = make(IDENTITY_LOSS, ckpt_path=str(ckpt))  # as built inside an LDM: no loss.* keys of its own
+    with caplog.at_level("INFO", logger="ldm.models.autoencoder"):
+        inner = make(IDENTITY_LOSS, ckpt_path=str(ckpt))  # as built inside an LDM: no loss.* keys of its own
+    assert "ignoring" in caplog.text and "'loss.*' keys" in caplog.text
+    assert "0 missing and 0 unexpected keys" in caplog.text
     assert not any(k.startswith("loss.") for k in inner.state_dict())
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
@@ -363,6 +367,14 @@ def test_get_input_log_images_and_decode_code():
         torch.testing.assert_close(vq.decode_code(idx), vq.decode(quant))
     log = vq.log_images({"image": hwc})
     assert set(log) == {"inputs", "reconstructions"} and log["reconstructions"].shape == (2, 3, 32, 32)
+
+
+def test_vq_batch_resize_range_only_in_training():
+    vq = VQModel(ddconfig=_tiny_ddconfig(double_z=False), lossconfig=IDENTITY_LOSS, n_embed=8, embed_dim=3,
+                 batch_resize_range=(16, 48))
+    batch = {"image": torch.rand(2, 32, 32, 3)}
+    assert vq.train().get_input(batch, "image").shape == (2, 3, 48, 48)  # the first batches at the largest size
+    assert vq.eval().get_input(batch, "image").shape == (2, 3, 32, 32)
 
 
 def test_identity_first_stage():

@@ -74,6 +74,6 @@ class LPIPSWithDiscriminator(AdversarialPerceptualLoss):
                f"{split}/nll_loss": nll_loss.detach().mean(),
                f"{split}/rec_loss": rec_loss.detach().mean(),
                f"{split}/d_weight": d_weight.detach(),
-               f"{split}/disc_factor": torch.tensor(float(disc_factor)),
+               f"{split}/disc_factor": torch.tensor(float(disc_factor), device=inputs.device),
                f"{split}/g_loss": g_loss.detach().mean()}
         return loss, log

@@ -123,7 +123,7 @@ class VQLPIPSWithDiscriminator(AdversarialPerceptualLoss):
                f"{split}/rec_loss": rec_loss.detach().mean(),
                f"{split}/p_loss": p_loss.detach().mean(),
                f"{split}/d_weight": d_weight.detach(),
-               f"{split}/disc_factor": torch.tensor(float(disc_factor)),
+               f"{split}/disc_factor": torch.tensor(float(disc_factor), device=inputs.device),
                f"{split}/g_loss": g_loss.detach().mean()}
         if predicted_indices is not None and self.n_classes is not None:
             with torch.no_grad():
