@@ -1,8 +1,6 @@
 """The callbacks and data module of main.py, in small in-process Lightning runs."""
 from __future__ import annotations
 
-import signal
-
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -54,19 +52,13 @@ def test_image_logger_writes_each_step_once_with_max_images(tmp_path):
     assert grid.shape == (2 + 10, 2 + 2 * 10, 3)  # max_images = 2 of the batch of 4
 
 
-def test_sigusr1_checkpoints_at_the_next_batch_end_and_chains_previous_handler(tmp_path):
-    calls = []
-    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: calls.append(signum))
-    try:
-        callback = EmergencyCheckpoint(tmp_path / "checkpoints")
-        data = DataModuleFromConfig(batch_size=4, train=TOY_DATA, num_workers=0)
-        _trainer(tmp_path, [callback], max_steps=5).fit(ToyModel(signal_at_step=2), data)
-        assert calls == [signal.SIGUSR1]
-        ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
-        assert ckpt["global_step"] == 3  # the step during which the signal came, completed
-        assert signal.getsignal(signal.SIGUSR1) is not callback._handle_signal  # handler removed after fit
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
+def test_exception_checkpoints_the_last_completed_step(tmp_path):
+    data = DataModuleFromConfig(batch_size=4, train=TOY_DATA, num_workers=0)
+    with pytest.raises(RuntimeError, match="toy failure at step 3"):
+        _trainer(tmp_path, [EmergencyCheckpoint(tmp_path / "checkpoints")], max_steps=5).fit(
+            ToyModel(fail_at_step=3), data)
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 3 and "optimizer_states" in ckpt and "loops" in ckpt  # resumable
 
 
 def test_no_emergency_checkpoint_before_the_first_step(tmp_path):
