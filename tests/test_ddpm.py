@@ -229,3 +229,23 @@ def test_bf16_autocast_loss_close_to_fp32():
         got, _ = m.p_losses(x0.bfloat16(), t, noise=noise.bfloat16())
     assert got.dtype == torch.float32 and torch.isfinite(got)
     assert abs(got.item() - ref.item()) < 0.02 * ref.item()
+
+
+@pytest.mark.parametrize("p", ["eps", "x0", "v"])
+def test_posterior_of_an_oracle_output_is_the_true_posterior(p):
+    """An output equal to the exact target gives p(x_{t-1} | x_t) = q(x_{t-1} | x_t, x0) for each parameterisation."""
+    from ldm.models.diffusion import ancestral
+
+    torch.manual_seed(0)
+    m = make_ddpm(parameterization=p, timesteps=100)
+    x0, eps = torch.rand(3, 3, 4, 4) * 2 - 1, torch.randn(3, 3, 4, 4)
+    t = torch.tensor([1, 40, 90])
+    xt = m.q_sample(x0, t, eps)
+    mean, var, log_var, x0_hat = ancestral.p_mean_variance(m, m.get_target(x0, eps, t), xt, t, clip_denoised=False)
+    torch.testing.assert_close(x0_hat, x0, rtol=1e-4, atol=1e-4)
+    q_mean, q_var, _ = m.q_posterior(x0, xt, t)
+    torch.testing.assert_close(mean, q_mean, rtol=1e-4, atol=1e-4)
+    expected_mean = (m.betas[t] * m.alphas_cumprod_prev[t].sqrt() / (1 - m.alphas_cumprod[t])).view(-1, 1, 1, 1) * x0 \
+        + ((1 - m.alphas_cumprod_prev[t]) * (1 - m.betas[t]).sqrt() / (1 - m.alphas_cumprod[t])).view(-1, 1, 1, 1) * xt
+    torch.testing.assert_close(q_mean, expected_mean, rtol=1e-3, atol=1e-3)  # float32 coefficients
+    torch.testing.assert_close(var.flatten(), m.posterior_variance[t])
