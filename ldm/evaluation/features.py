@@ -21,6 +21,11 @@ from ldm.evaluation.inception import FeatureExtractor
 logger = logging.getLogger(__name__)
 
 UNKNOWN_EXTRACTOR = "unknown (precomputed statistics)"
+MEMORY_CACHE_SIZE = 8
+
+# Reference statistics computed in this process, so repeated evaluations against one reference (a training
+# run's callback, a demo comparing several sample sets) extract its features once.
+_memory_cache: dict[tuple[str, str, int, int | None], "FeatureStats"] = {}
 
 
 @dataclass
@@ -125,7 +130,8 @@ def reference_stats(source: str | Path | np.ndarray | torch.Tensor, extractor: F
     """Statistics of a reference set, read from / written to a cache.
 
     :param source: a statistics ``.npz`` (returned as is), an image folder, an image ``.npz`` or an array.
-    :param cache_dir: where computed statistics are kept, as ``<hash of images + extractor>.npz``; None: no cache.
+    :param cache_dir: where computed statistics are kept, as ``<hash of images + extractor>.npz``; None: no
+        disk cache. Within a process, the statistics of the last few references are also kept in memory.
     """
     if isinstance(source, (str, Path)) and is_stats_file(source):
         stats = FeatureStats.load(source)
@@ -134,15 +140,26 @@ def reference_stats(source: str | Path | np.ndarray | torch.Tensor, extractor: F
                              f"current extractor '{extractor.name}'")
         return stats
     images = open_images(source, size=size)
+    memo_key = (images.fingerprint(), extractor.name, id(extractor), limit)
+    if memo_key in _memory_cache:
+        return _memory_cache[memo_key]
     cache_path = None
     if cache_dir is not None:
         key = hashlib.sha1(f"{images.fingerprint()}|{extractor.name}|{limit}".encode()).hexdigest()[:20]
         cache_path = Path(cache_dir) / f"ref-stats-{key}.npz"
         if cache_path.is_file():
             logger.info("reference statistics of %s read from the cache %s", images.description, cache_path)
-            return FeatureStats.load(cache_path)
+            return _remember(memo_key, FeatureStats.load(cache_path))
     stats = extract_features(images, extractor, batch_size=batch_size, limit=limit, progress=progress)
     if cache_path is not None:
         stats.save(cache_path)
         logger.info("reference statistics of %s cached in %s", images.description, cache_path)
+    return _remember(memo_key, stats)
+
+
+def _remember(key: tuple[str, str, int, int | None], stats: FeatureStats) -> FeatureStats:
+    """Keeps `stats` in the in-process cache (the oldest entry goes when it is full)."""
+    if len(_memory_cache) >= MEMORY_CACHE_SIZE:
+        _memory_cache.pop(next(iter(_memory_cache)))
+    _memory_cache[key] = stats
     return stats
