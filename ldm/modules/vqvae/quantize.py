@@ -1,6 +1,7 @@
 """Vector quantisation of first-stage latents (the semantics of taming-transformers' `VectorQuantizer2`)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -9,6 +10,15 @@ import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
+
+
+def _squared_distances(z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """(z - e)^2 = z^2 + e^2 - 2 z.e for [M x D] latents and [K x D] codes: [M x K], in float32 even under autocast
+    (a bf16 distance would pick wrong nearest codes)."""
+    off = torch.amp.is_autocast_available(z.device.type)
+    with torch.autocast(z.device.type, enabled=False) if off else contextlib.nullcontext():
+        z, codes = z.float(), codes.float()
+        return z.pow(2).sum(dim=1, keepdim=True) + codes.pow(2).sum(dim=1) - 2 * z @ codes.t()
 
 
 class VectorQuantizer2(nn.Module):
@@ -97,10 +107,7 @@ class VectorQuantizer2(nn.Module):
             raise ValueError(f"expected latents with {self.e_dim} channels, got shape {tuple(z.shape)}")
         z = z.permute(0, 2, 3, 1).contiguous()  # [N x H x W x C]
         z_flat = z.view(-1, self.e_dim)
-        weight = self.embedding.weight
-        # squared distances (z - e)^2 = z^2 + e^2 - 2 z.e, [N*H*W x n_e]
-        d = z_flat.pow(2).sum(dim=1, keepdim=True) + weight.pow(2).sum(dim=1) - 2 * z_flat @ weight.t()
-        indices = torch.argmin(d, dim=1)
+        indices = torch.argmin(_squared_distances(z_flat, self.embedding.weight), dim=1)
         z_q = self.embedding(indices).view(z.shape)
 
         commitment = torch.mean((z_q.detach() - z) ** 2)
