@@ -46,6 +46,8 @@ def test_cross_attention_equals_plain_softmax_attention():
     # without a context it is self-attention
     self_attn = CrossAttention(query_dim=16, heads=2, dim_head=8).eval()
     assert torch.allclose(self_attn(x), naive_cross_attention(self_attn, x, x), atol=1e-5)
+    with pytest.raises(ValueError, match="context of width 12"):
+        attn(x)  # a cross-attention layer called without its context
 
 
 def test_cross_attention_parameter_names():

@@ -88,6 +88,9 @@ class CrossAttention(nn.Module):
         :return: a [B x N x query_dim] Tensor.
         """
         context = x if context is None else context
+        if context.shape[-1] != self.to_k.in_features:
+            raise ValueError(f"CrossAttention expects a context of width {self.to_k.in_features}, got "
+                             f"{tuple(context.shape)} (no context means self-attention on inputs of that width)")
         q, k, v = (split_heads(t, self.heads) for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
         attn_mask = None if mask is None else key_padding_mask(mask)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
