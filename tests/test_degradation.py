@@ -2,12 +2,13 @@
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 from skimage import data as skdata
 
 from ldm.modules.image_degradation import (Degradation, bicubic_degradation, degradation_fn_bsr,
                                            degradation_fn_bsr_light, degrade, imresize)
-from ldm.modules.image_degradation.bsrgan import (anisotropic_gaussian_kernel, gaussian_kernel, gaussian_noise, jpeg,
-                                                  random_blur, shifted_kernel_downsample)
+from ldm.modules.image_degradation.bsrgan import (anisotropic_gaussian_kernel, blur, gaussian_kernel,
+                                                  gaussian_noise, jpeg, random_blur, shifted_kernel_downsample)
 from ldm.modules.image_degradation.resize import pil_resize
 
 
@@ -75,6 +76,14 @@ def test_blur_removes_high_frequencies():
         assert out.shape == x.shape
         assert high_freq_energy(out) < 0.9 * high_freq_energy(x)
         assert abs(out.mean() - x.mean()) < 0.01  # kernels sum to one
+
+
+@pytest.mark.parametrize("size", [5, 6, 25])
+def test_fft_blur_equals_direct_convolution_with_mirrored_borders(size):
+    rng = np.random.default_rng(size)
+    x, k = rng.random((40, 30, 3)), rng.random((size, size))
+    assert np.allclose(blur(x, k), ndimage.convolve(x, k[..., None], mode="mirror"), atol=1e-12)
+    assert blur(rng.random((6, 6, 3)), k).shape == (6, 6, 3)  # kernels wider than the image
 
 
 @pytest.mark.parametrize("size", [5, 6, 25])

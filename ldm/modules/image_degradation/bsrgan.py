@@ -13,7 +13,7 @@ import io
 
 import numpy as np
 from PIL import Image
-from scipy import linalg, ndimage
+from scipy import linalg, ndimage, signal
 
 from ldm.modules.image_degradation.resize import imresize, pil_resize
 
@@ -58,8 +58,12 @@ def anisotropic_gaussian_kernel(size: int, theta: float, l1: float, l2: float) -
 
 
 def blur(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """Convolves each channel of [H, W, C] with a 2-D kernel (mirrored borders)."""
-    return ndimage.convolve(image, kernel[..., None], mode="mirror")
+    """Convolves each channel of [H, W, C] with a 2-D kernel (mirrored borders, ``ndimage``'s "mirror"),
+    by FFT: several times faster than direct convolution for the larger kernels."""
+    kh, kw = kernel.shape
+    pad = (((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0))
+    padded = np.pad(image, pad, mode="reflect")
+    return signal.fftconvolve(padded, kernel[..., None], mode="valid", axes=(0, 1))
 
 
 def random_blur(image: np.ndarray, sf: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
