@@ -129,6 +129,8 @@ def test_vq_remap_sane_index_shape_and_codebook_entry(tmp_path):
     # known indices map back to their codes; the extra index maps to used[0] = code 3
     torch.testing.assert_close(back.flatten(2)[0, :, 0], vq.embedding.weight[4])
     torch.testing.assert_close(back.flatten(2)[0, :, 2], vq.embedding.weight[3])
+    # without a shape the indices keep their shape and gain the code dimension (as the original)
+    torch.testing.assert_close(vq.get_codebook_entry(idx, None), back.permute(0, 2, 3, 1))
     with pytest.raises(FileNotFoundError, match="missing.npy"):
         VectorQuantizer2(6, 2, 0.25, remap=str(tmp_path / "missing.npy"))
 

@@ -124,15 +124,16 @@ class VectorQuantizer2(nn.Module):
         return z_q, loss, (None, None, indices)
 
     def get_codebook_entry(self, indices: torch.Tensor, shape: tuple[int, int, int, int] | None) -> torch.Tensor:
-        """Codebook vectors of `indices`.
+        """Codebook vectors of `indices` (in the `remap` numbering if set).
 
-        :param indices: indices (any shape, N*H*W elements; in the `remap` numbering if set).
-        :param shape: (N, H, W, C) to return an [N x C x H x W] Tensor; None returns [N*H*W x C].
+        :param indices: an integer Tensor of any shape [...] (e.g. [N x h x w], or N*h*w flat with `shape`).
+        :param shape: (N, h, w, C) to return an [N x C x h x w] Tensor; None returns [... x C] (the indices' shape
+            with the code dimension appended, as the original).
         """
         if self.remap is not None:
-            batch = shape[0] if shape is not None else 1
-            indices = self.unmap_to_all(indices.reshape(batch, -1)).reshape(-1)
-        z_q = self.embedding(indices.reshape(-1))
+            batch = shape[0] if shape is not None else indices.shape[0]
+            indices = self.unmap_to_all(indices.reshape(batch, -1)).reshape(indices.shape)
+        z_q = self.embedding(indices)
         if shape is not None:
             z_q = z_q.view(shape).permute(0, 3, 1, 2).contiguous()
         return z_q
