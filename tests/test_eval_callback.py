@@ -89,3 +89,19 @@ def test_fid_callback_uses_sample_fn_and_errors_clearly_without_a_sampler():
         FIDCallback(every_n_steps=1, num_samples=4, reference=REF, extractor=ex).compute_fid(NoSampler())
     with pytest.raises(ValueError, match="every_n_steps"):
         FIDCallback(every_n_steps=0, num_samples=4, reference=REF, extractor=ex)
+
+
+def test_fid_callback_reference_from_a_dataset_config_and_a_dataset():
+    from ldm.data.emoji import EmojiDataset
+    from ldm.evaluation.images import images_from_dataset
+
+    params = {"size": 16, "split": "validation", "max_classes": 2, "length": 6}
+    cb = FIDCallback(every_n_steps=1, num_samples=4, extractor=MeanColourExtractor(), num_reference=5,
+                     reference={"target": "ldm.data.emoji.EmojiDataset", "params": params})
+    ds = EmojiDataset(**params)
+    assert cb.reference.shape == (5, 16, 16, 3) and cb.reference.dtype == np.uint8
+    expected = np.floor((np.stack([ds[i]["image"] for i in range(5)]) + 1) * 127.5 + 0.5).astype(np.uint8)
+    np.testing.assert_array_equal(cb.reference, expected)
+    np.testing.assert_array_equal(images_from_dataset(ds, limit=5), expected)
+    with pytest.raises(KeyError, match="'jpg'"):
+        images_from_dataset(ds, key="jpg")

@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from torch.utils.data import Dataset
 
 from ldm.evaluation.features import FeatureStats, extract_features, reference_stats
 from ldm.evaluation.fid import fid_from_stats
-from ldm.evaluation.images import to_uint8_nhwc
+from ldm.evaluation.images import images_from_dataset, to_uint8_nhwc
 from ldm.evaluation.inception import ExtractorKind, FeatureExtractor, load_extractor
-from ldm.util import get_obj_from_str
+from ldm.util import get_obj_from_str, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,9 @@ class FIDCallback(pl.Callback):
 
     :param every_n_steps: compute at global steps that are multiples of this (never at step 0).
     :param num_samples: images sampled per evaluation.
-    :param reference: a statistics ``.npz``, an image folder or ``.npz``, or a uint8 [N x H x W x 3] array.
+    :param reference: a statistics ``.npz``, an image folder or ``.npz``, a uint8 [N x H x W x 3] array, a dataset
+        whose items hold ``image`` (as ``ldm.data``), or a config (``target``/``params``) of such a dataset.
+    :param num_reference: use at most this many dataset items as the reference (None: all).
     :param sample_fn: a callable, or the dotted name of one (from YAML configs).
     :param sample_batch_size: images requested per call of the sampler.
     :param extractor: a :class:`FeatureExtractor`, or ``auto``/``standard``/``bundled`` (loaded on first use).
@@ -41,8 +44,8 @@ class FIDCallback(pl.Callback):
     :param log_name: the logged key.
     """
 
-    def __init__(self, every_n_steps: int, num_samples: int, reference: str | Path | np.ndarray,
-                 sample_fn: SampleFn | str | None = None, sample_batch_size: int = 50,
+    def __init__(self, every_n_steps: int, num_samples: int, reference: str | Path | np.ndarray | Dataset | Mapping,
+                 num_reference: int | None = None, sample_fn: SampleFn | str | None = None, sample_batch_size: int = 50,
                  extractor: FeatureExtractor | str = "auto", inception_weights: str | None = None,
                  cache_dir: str | None = None, log_name: str = "val/fid"):
         super().__init__()
@@ -51,6 +54,10 @@ class FIDCallback(pl.Callback):
                              f"{num_samples}")
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
+        if isinstance(reference, Mapping) and "target" in reference:
+            reference = instantiate_from_config(reference)
+        if isinstance(reference, Dataset):
+            reference = images_from_dataset(reference, limit=num_reference)
         self.reference = reference
         self.sample_fn = get_obj_from_str(sample_fn) if isinstance(sample_fn, str) else sample_fn
         self.sample_batch_size = sample_batch_size

@@ -10,7 +10,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -129,6 +129,24 @@ class ImageSource:
                 h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         h.update(repr(self.size).encode())
         return h.hexdigest()[:16]
+
+
+def images_from_dataset(dataset: Any, limit: int | None = None, key: str = "image") -> np.ndarray:
+    """The images of a map-style dataset as uint8 [N x H x W x 3].
+
+    :param dataset: items are dicts whose `key` holds an [H x W x 3] image (float in [-1, 1] as the ``ldm.data``
+        datasets, or uint8), or are such images themselves.
+    :param limit: take at most the first `limit` items.
+    """
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    if n == 0:
+        raise ValueError(f"the dataset {type(dataset).__name__} is empty")
+    items = [dataset[i] for i in range(n)]
+    if isinstance(items[0], dict):
+        if key not in items[0]:
+            raise KeyError(f"dataset items of {type(dataset).__name__} have no {key!r} (keys: {sorted(items[0])})")
+        items = [it[key] for it in items]
+    return np.concatenate([to_uint8_nhwc(np.asarray(it)[None]) for it in items])
 
 
 def list_image_files(folder: str | Path) -> list[Path]:
