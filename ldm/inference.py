@@ -62,7 +62,8 @@ def get_device(name: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def autocast(device: torch.device, precision: str | Precision = Precision.AUTOCAST) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device,
+             precision: str | Precision = Precision.AUTOCAST) -> contextlib.AbstractContextManager:
     """Mixed precision on accelerators (float16 or bfloat16); a no-op on CPU or with ``full`` precision."""
     precision = Precision(precision)
     if precision is Precision.FULL or device.type == "cpu":

@@ -99,7 +99,7 @@ def test_ddim_timesteps_are_the_originals():
         make_ddim_timesteps("uniform", 2000, 1000)
     # the original's range(0, 1000, 333) + 1 ends at 1000, past the schedule: that step is dropped
     np.testing.assert_array_equal(make_ddim_timesteps("uniform", 3, 1000), [1, 334, 667])
-    assert make_ddim_timesteps("uniform", 333, 1000)[-1] == 998
+    assert make_ddim_timesteps("uniform", 333, 1000)[-1] == 997
 
 
 @pytest.fixture
@@ -246,3 +246,30 @@ def test_stochastic_encode_then_decode_equals_sampling_from_there(net):
         x, _ = original_step(x, net.apply_model(x, t, None), alphas[index], alphas_prev[index], sigmas[index])
     torch.testing.assert_close(decoded, x, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(decoded, full, atol=1e-3)
+
+
+def test_score_corrector_and_quantized_x0(net):
+    class ZeroScore:
+        def modify_score(self, model, e_t, x, t, c, **kwargs):
+            assert kwargs == {"k": 1}
+            return torch.zeros_like(e_t)
+
+    x_T = torch.randn(1, 3, 4, 4)
+    sampler = DDIMSampler(net)
+    out, _ = sampler.sample(10, 1, (3, 4, 4), x_T=x_T, score_corrector=ZeroScore(), corrector_kwargs={"k": 1},
+                            verbose=False)
+    # with eps = 0 every DDIM step scales x by sqrt(a_prev / a_t): the product telescopes
+    a = net.alphas_cumprod
+    torch.testing.assert_close(out, x_T * (a[0] / a[int(sampler.ddim_timesteps[-1])]).sqrt(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="eps-prediction"):
+        DDIMSampler(GaussianModel("v")).sample(5, 1, (1,), score_corrector=ZeroScore(), verbose=False)
+
+    class Rounder(torch.nn.Module):
+        def quantize(self, z):
+            return z.round(), None, None
+
+    net.first_stage_model = Rounder()
+    preds = []
+    DDIMSampler(net).sample(5, 1, (3, 4, 4), x_T=x_T, quantize_x0=True, verbose=False,
+                            img_callback=lambda x0, i: preds.append(x0))
+    assert len(preds) == 5 and all(torch.equal(p, p.round()) for p in preds)
