@@ -269,3 +269,10 @@ def test_original_util_import_paths():
     assert not torch.equal(*util.noise_like((2, 5), "cpu"))
     with pytest.raises(ValueError, match="dimensions"):
         util.conv_nd(4, 1, 1, 1)
+
+
+def test_dropout_only_in_residual_blocks_as_the_original():
+    model = tiny_unet(dropout=0.3, use_spatial_transformer=True, context_dim=8)
+    res = [m.p for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and "out_layers" in n]
+    other = [m.p for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and "out_layers" not in n]
+    assert set(res) == {0.3} and other and set(other) == {0.0}  # the transformers get no dropout

@@ -5,6 +5,7 @@ import paths (``openaimodel.ResBlock``, ``openaimodel.TimestepEmbedSequential``,
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import torch
@@ -25,6 +26,20 @@ from ldm.modules.diffusionmodules.util import conv_nd, linear, normalization, ti
 
 __all__ = ["UNetModel", "AttentionBlock", "Downsample", "QKVAttention", "QKVAttentionLegacy", "ResBlock",
            "TimestepBlock", "TimestepEmbedSequential", "Upsample"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _BlockOptions:
+    """The UNetModel arguments that shape its residual and attention blocks."""
+
+    use_scale_shift_norm: bool
+    resblock_updown: bool
+    use_new_attention_order: bool
+    use_spatial_transformer: bool
+    transformer_depth: int
+    context_dim: int | None
+    legacy: bool
+    use_linear: bool
 
 
 def _validate_arguments(use_spatial_transformer: bool, context_dim: int | None, num_heads: int,
@@ -52,7 +67,7 @@ class UNetModel(nn.Module):
     :param out_channels: channels of the output Tensor.
     :param num_res_blocks: residual blocks per level.
     :param attention_resolutions: downsampling factors (1, 2, 4, ...) at which attention is used.
-    :param dropout: dropout rate in the residual blocks (and transformer blocks).
+    :param dropout: dropout rate in the residual blocks.
     :param channel_mult: channel multiplier per level.
     :param conv_resample: learned convolutions for up/downsampling.
     :param dims: 1, 2 or 3 spatial dimensions.
@@ -119,11 +134,12 @@ class UNetModel(nn.Module):
         self.num_heads_upsample = num_heads if num_heads_upsample == -1 else num_heads_upsample
         self.predict_codebook_ids = n_embed is not None
         self._dims = dims
-        self._options = dict(use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown,
-                             use_new_attention_order=use_new_attention_order,
-                             use_spatial_transformer=use_spatial_transformer, transformer_depth=transformer_depth,
-                             context_dim=None if context_dim is None else int(context_dim), legacy=legacy,
-                             use_linear=use_linear_in_transformer)
+        self._options = _BlockOptions(use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown,
+                                      use_new_attention_order=use_new_attention_order,
+                                      use_spatial_transformer=use_spatial_transformer,
+                                      transformer_depth=transformer_depth,
+                                      context_dim=None if context_dim is None else int(context_dim), legacy=legacy,
+                                      use_linear=use_linear_in_transformer)
 
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
@@ -154,7 +170,7 @@ class UNetModel(nn.Module):
                    down: bool = False) -> ResBlock:
         return ResBlock(ch, emb_ch, self.dropout, out_channels=out_ch, dims=self._dims,
                         use_checkpoint=self.use_checkpoint,
-                        use_scale_shift_norm=self._options["use_scale_shift_norm"], up=up, down=down)
+                        use_scale_shift_norm=self._options.use_scale_shift_norm, up=up, down=down)
 
     def _attention(self, ch: int, decoder: bool) -> nn.Module:
         """The attention block at width `ch`, with the original's rule for heads and head width."""
@@ -163,17 +179,18 @@ class UNetModel(nn.Module):
             heads, dim_head = self.num_heads, ch // self.num_heads
         else:
             heads, dim_head = ch // self.num_head_channels, self.num_head_channels
-        if opts["use_spatial_transformer"]:
-            if opts["legacy"]:
+        if opts.use_spatial_transformer:
+            if opts.legacy:
                 dim_head = ch // heads
-            return SpatialTransformer(ch, heads, dim_head, depth=opts["transformer_depth"], dropout=self.dropout,
-                                      context_dim=opts["context_dim"], use_linear=opts["use_linear"],
+            # no dropout inside the transformer: the original did not pass it on
+            return SpatialTransformer(ch, heads, dim_head, depth=opts.transformer_depth,
+                                      context_dim=opts.context_dim, use_linear=opts.use_linear,
                                       use_checkpoint=self.use_checkpoint)
-        if opts["legacy"]:
+        if opts.legacy:
             dim_head = self.num_head_channels
         return AttentionBlock(ch, num_heads=self.num_heads_upsample if decoder else heads, num_head_channels=dim_head,
                               use_checkpoint=self.use_checkpoint,
-                              use_new_attention_order=opts["use_new_attention_order"])
+                              use_new_attention_order=opts.use_new_attention_order)
 
     def _build_encoder(self, emb_ch: int) -> list[int]:
         """Builds ``input_blocks``; returns the channels of every skip connection, in order."""
@@ -191,7 +208,7 @@ class UNetModel(nn.Module):
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 chans.append(ch)
             if level != len(self.channel_mult) - 1:
-                down = (self._res_block(ch, emb_ch, out_ch=ch, down=True) if self._options["resblock_updown"]
+                down = (self._res_block(ch, emb_ch, out_ch=ch, down=True) if self._options.resblock_updown
                         else Downsample(ch, self.conv_resample, dims=self._dims, out_channels=ch))
                 self.input_blocks.append(TimestepEmbedSequential(down))
                 chans.append(ch)
@@ -212,7 +229,7 @@ class UNetModel(nn.Module):
                 if ds in self.attention_resolutions:
                     layers.append(self._attention(ch, decoder=True))
                 if level and i == self.num_res_blocks:
-                    layers.append(self._res_block(ch, emb_ch, out_ch=ch, up=True) if self._options["resblock_updown"]
+                    layers.append(self._res_block(ch, emb_ch, out_ch=ch, up=True) if self._options.resblock_updown
                                   else Upsample(ch, self.conv_resample, dims=self._dims, out_channels=ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
