@@ -235,3 +235,41 @@ def test_inpainting_conditioning_appends_latent_mask():
     torch.testing.assert_close(c[:, 3:], 2.0 * mask[:1].permute(0, 3, 1, 2) - 1.0)
     m(z, c)
     assert unet(m).calls[-1]["x"].shape == (1, 7, 4, 4)
+
+
+def test_config_errors_name_latent_diffusion_keys():
+    from ldm.util import ConfigError, instantiate_from_config
+
+    params = dict(unet_config=spy(), first_stage_config=IDENTITY, cond_stage_config="__is_unconditional__",
+                  timesteps=10)
+    with pytest.raises(ConfigError, match="'concat_mode'"):
+        instantiate_from_config({"target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+                                 "params": {**params, "concat_mod": True}})
+    with pytest.raises(ConfigError, match="'log_every_t'"):  # DDPM's keys are checked through **kwargs
+        instantiate_from_config({"target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+                                 "params": {**params, "log_every": 5}})
+
+
+def test_real_tiny_unet_and_class_embedder_under_bf16_autocast():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from ldm.util import instantiate_from_config
+
+    cfg = OmegaConf.load(Path(__file__).parent / "configs" / "ldm-stage2.yaml").model
+    cfg.params.first_stage_config = {"target": "test_ddpm_support.IdentityStage", "params": {"embed_dim": 2}}
+    torch.manual_seed(0)
+    m = instantiate_from_config(cfg)
+    with torch.no_grad():  # the UNet's last conv starts at zero; give it an output
+        for p in m.model.diffusion_model.out.parameters():
+            p.normal_(0, 0.1)
+    x, noise = torch.randn(2, 2, 8, 8), torch.randn(2, 2, 8, 8)
+    c = m.get_learned_conditioning({"class_label": torch.tensor([1, 2])})
+    t = torch.tensor([3, 40])
+    ref, _ = m.p_losses(x, c, t, noise=noise)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = m.p_losses(x, c, t, noise=noise)
+    assert got.dtype == torch.float32 and abs(got.item() - ref.item()) < 0.05 * ref.item()
+    uc = m.get_unconditional_conditioning(2)
+    torch.testing.assert_close(uc, m.cond_stage_model.embedding.weight[[4, 4]][:, None])
