@@ -227,6 +227,24 @@ def test_frozen_clip_embedder_loads_sd_v1_style_state_dicts(tiny_clip_dir):
     other.load_state_dict(sd, strict=True)  # and without
 
 
+def test_frozen_clip_embedder_layer_choices(tiny_clip_dir):
+    from transformers import CLIPTextModel
+
+    ref_model = CLIPTextModel.from_pretrained(tiny_clip_dir).eval()
+    last = FrozenCLIPEmbedder(version=str(tiny_clip_dir), max_length=8)
+    ids = last.tokenize(["a cat", "dog"])
+    ref = ref_model(input_ids=ids, output_hidden_states=True)
+    skip = FrozenCLIPEmbedder(version=str(tiny_clip_dir), max_length=8, layer="hidden", layer_idx=-2)
+    assert torch.allclose(skip(["a cat", "dog"]), ref.hidden_states[-2], atol=1e-6)
+    assert not torch.allclose(skip(["a cat", "dog"]), last(["a cat", "dog"]), atol=1e-3)
+    pooled = FrozenCLIPEmbedder(version=str(tiny_clip_dir), max_length=8, layer="pooled")(["a cat", "dog"])
+    assert pooled.shape == (2, 1, 32) and torch.allclose(pooled[:, 0], ref.pooler_output, atol=1e-6)
+    with pytest.raises(ValueError, match="layer_idx"):
+        FrozenCLIPEmbedder(version=str(tiny_clip_dir), layer="hidden")
+    with pytest.raises(ValueError, match="unknown layer 'penultimate'"):
+        FrozenCLIPEmbedder(version=str(tiny_clip_dir), layer="penultimate")
+
+
 def test_frozen_clip_embedder_missing_model_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="openai/clip-vit-large-patch14.*Hugging Face cache"):

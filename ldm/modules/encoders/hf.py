@@ -6,6 +6,7 @@ to put it.
 """
 from __future__ import annotations
 
+import enum
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -73,6 +74,14 @@ class FrozenTextEncoder(nn.Module):
         return next(self.parameters()).device
 
 
+class CLIPLayer(str, enum.Enum):
+    """Which output of the CLIP text model conditions the UNet."""
+
+    LAST = "last"      # the final hidden states after the final LayerNorm (Stable Diffusion v1)
+    POOLED = "pooled"  # the pooled (end-of-text) state, as a sequence of length 1
+    HIDDEN = "hidden"  # the hidden states of layer `layer_idx` (e.g. -2 for "CLIP skip"), without the final norm
+
+
 class FrozenCLIPEmbedder(FrozenTextEncoder):
     """The CLIP text transformer of Stable Diffusion v1: prompts -> last hidden states [N x max_length x D].
 
@@ -82,12 +91,16 @@ class FrozenCLIPEmbedder(FrozenTextEncoder):
     :param version: a hub id in the local cache or a local directory with the tokenizer and the text model.
     :param device: accepted for config compatibility; computation follows the module's parameters.
     :param max_length: the token length (prompts are truncated/padded to it).
+    :param layer: which output to return (see :class:`CLIPLayer`; "last" as Stable Diffusion v1).
+    :param layer_idx: the hidden-states index for ``layer="hidden"`` (0 = embeddings, -1 = last layer).
     """
 
     POSITION_IDS = "transformer.text_model.embeddings.position_ids"
 
-    def __init__(self, version: str = "openai/clip-vit-large-patch14", device: Any = None, max_length: int = 77):
+    def __init__(self, version: str = "openai/clip-vit-large-patch14", device: Any = None, max_length: int = 77,
+                 layer: str = "last", layer_idx: int | None = None):
         super().__init__()
+        self._set_layer(layer, layer_idx)
         from transformers import CLIPTextModel, CLIPTokenizer
 
         directory = resolve_local_model(version, required=(("config.json",),
@@ -98,12 +111,24 @@ class FrozenCLIPEmbedder(FrozenTextEncoder):
         self._setup(tokenizer, model, max_length)
 
     @classmethod
-    def from_components(cls, tokenizer: Any, text_model: nn.Module, max_length: int = 77) -> "FrozenCLIPEmbedder":
+    def from_components(cls, tokenizer: Any, text_model: nn.Module, max_length: int = 77, layer: str = "last",
+                        layer_idx: int | None = None) -> "FrozenCLIPEmbedder":
         """Builds the embedder around an existing tokenizer and ``CLIPTextModel`` (no files read)."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
+        self._set_layer(layer, layer_idx)
         self._setup(tokenizer, text_model, max_length)
         return self
+
+    def _set_layer(self, layer: str, layer_idx: int | None) -> None:
+        try:
+            self.layer = CLIPLayer(layer)
+        except ValueError:
+            raise ValueError(f"FrozenCLIPEmbedder: unknown layer '{layer}'; choose one of "
+                             f"{', '.join(m.value for m in CLIPLayer)}") from None
+        if (self.layer is CLIPLayer.HIDDEN) != (layer_idx is not None):
+            raise ValueError("FrozenCLIPEmbedder: give 'layer_idx' exactly when layer='hidden'")
+        self.layer_idx = layer_idx
 
     def _setup(self, tokenizer: Any, model: nn.Module, max_length: int) -> None:
         self.tokenizer = tokenizer
@@ -122,8 +147,14 @@ class FrozenCLIPEmbedder(FrozenTextEncoder):
         return enc["input_ids"].to(self._device)
 
     def forward(self, text: str | Sequence[str]) -> torch.Tensor:
-        """:param text: N prompts. :return: an [N x max_length x D] Tensor of last hidden states."""
-        return self.transformer(input_ids=self.tokenize(text)).last_hidden_state
+        """:param text: N prompts. :return: an [N x max_length x D] Tensor ([N x 1 x D] for ``layer="pooled"``)."""
+        hidden = self.layer is CLIPLayer.HIDDEN
+        out = self.transformer(input_ids=self.tokenize(text), output_hidden_states=hidden)
+        if hidden:
+            return out.hidden_states[self.layer_idx]
+        if self.layer is CLIPLayer.POOLED:
+            return out.pooler_output[:, None, :]
+        return out.last_hidden_state
 
 
 class _TextModelNamespace(nn.Module):
@@ -133,8 +164,8 @@ class _TextModelNamespace(nn.Module):
         super().__init__()
         self.text_model = text_model
 
-    def forward(self, input_ids: torch.Tensor) -> Any:
-        return self.text_model(input_ids=input_ids)
+    def forward(self, input_ids: torch.Tensor, output_hidden_states: bool = False) -> Any:
+        return self.text_model(input_ids=input_ids, output_hidden_states=output_hidden_states)
 
 
 def _drop_position_ids(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:

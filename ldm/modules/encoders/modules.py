@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.encoders.hf import FrozenCLIPEmbedder, FrozenHFTextEmbedder, FrozenTextEncoder, resolve_local_model
+from ldm.modules.encoders.hf import CLIPLayer, FrozenCLIPEmbedder, FrozenHFTextEmbedder, FrozenTextEncoder, resolve_local_model
 from ldm.modules.x_transformer import Encoder, TransformerWrapper
 
 __all__ = ["AbstractEncoder", "ClassEmbedder", "TransformerEmbedder", "BERTTokenizer", "BERTEmbedder",
-           "SpatialRescaler", "FrozenCLIPEmbedder", "FrozenHFTextEmbedder", "FrozenTextEncoder"]
+           "SpatialRescaler", "FrozenCLIPEmbedder", "CLIPLayer", "FrozenHFTextEmbedder", "FrozenTextEncoder"]
 
 logger = logging.getLogger(__name__)
 
