@@ -273,3 +273,24 @@ def test_real_tiny_unet_and_class_embedder_under_bf16_autocast():
     assert got.dtype == torch.float32 and abs(got.item() - ref.item()) < 0.05 * ref.item()
     uc = m.get_unconditional_conditioning(2)
     torch.testing.assert_close(uc, m.cond_stage_model.embedding.weight[[4, 4]][:, None])
+
+
+def test_log_images_shows_captions_and_class_names_as_text():
+    text = make_ldm(cond_stage_config=TEXT, cond_stage_key="caption", conditioning_key="crossattn", timesteps=4)
+    log = text.log_images(image_batch(n=2, hw=16, caption=["a long caption", ""]), N=2, ddim_steps=None,
+                          sample=False, plot_progressive_rows=False, plot_diffusion_rows=False)
+    cond = log["conditioning"]
+    assert cond.shape == (2, 3, 16, 16) and cond.min() >= -1 and cond.max() <= 1
+    assert (cond[0] < 0).any() and (cond[1] == 1).all()  # ink for the caption, blank for the empty one
+    cls = make_ldm(cond_stage_config=CLASSES, cond_stage_key="class_label", conditioning_key="crossattn", timesteps=4)
+    batch = image_batch(n=2, hw=16, class_label=torch.tensor([0, 1]), human_label=["tench", "goldfish"])
+    log = cls.log_images(batch, N=2, ddim_steps=None, sample=False, plot_progressive_rows=False,
+                         plot_diffusion_rows=False)
+    assert log["conditioning"].shape == (2, 3, 16, 16)
+    kl = {"target": "test_ddpm_support.ScaledKLStage", "params": {"scale": 2.0}}
+    inpaint = make_ldm(unet_config=spy(7, 3), first_stage_config=kl, cond_stage_config="__is_first_stage__",
+                       cond_stage_key="masked_image", concat_mode=True, concat_mask_key="mask", timesteps=4)
+    batch = image_batch(n=2, masked_image=torch.rand(2, 4, 4, 3), mask=torch.ones(2, 4, 4, 1))
+    log = inpaint.log_images(batch, N=2, ddim_steps=None, sample=False, plot_progressive_rows=False,
+                             plot_diffusion_rows=False)
+    torch.testing.assert_close(log["conditioning"], batch["masked_image"].permute(0, 3, 1, 2))

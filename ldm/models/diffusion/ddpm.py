@@ -19,6 +19,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from ldm.checkpoint import load_state_dict, load_weights
 from ldm.models.diffusion import ancestral, image_logging
 from ldm.models.diffusion.conditioning import DiffusionWrapper
+from ldm.models.diffusion.first_stage import disabled_train
 from ldm.models.diffusion.losses import DiffusionLoss, LossType
 from ldm.models.diffusion.parameterization import Parameterization, target
 from ldm.models.diffusion.schedule import (BUFFER_NAMES, extract, lvlb_weights, make_beta_schedule,
@@ -28,7 +29,7 @@ from ldm.util import count_params, default, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DDPM", "LatentDiffusion", "DiffusionWrapper", "LitEma"]
+__all__ = ["DDPM", "LatentDiffusion", "DiffusionWrapper", "LitEma", "disabled_train"]
 
 
 class DDPM(pl.LightningModule):

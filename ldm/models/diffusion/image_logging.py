@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from torchvision.utils import make_grid
 
@@ -101,11 +102,33 @@ def guided(cond_fn: ancestral.Denoiser, uncond_fn: ancestral.Denoiser, scale: fl
     return denoise
 
 
-def conditioning_image(model: Any, batch: Mapping[str, Any], c: Any, xc: Any) -> dict[str, torch.Tensor]:
-    """The conditioning as images where it is one (decodable latents, images, or maps)."""
+def text_images(texts: Sequence[str], size: tuple[int, int], chars_per_line: int | None = None) -> torch.Tensor:
+    """Captions drawn black on white with PIL's built-in font: an [N x 3 x H x W] Tensor in [-1, 1]."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    h, w = size
+    font = ImageFont.load_default()
+    per_line = chars_per_line or max(1, w // 6)
+    images = []
+    for text in texts:
+        canvas = Image.new("RGB", (w, h), "white")
+        lines = [text[i:i + per_line] for i in range(0, len(text), per_line)] or [""]
+        ImageDraw.Draw(canvas).multiline_text((0, 0), "\n".join(lines), fill="black", font=font)
+        images.append(torch.from_numpy(np.asarray(canvas).copy()))
+    return torch.stack(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def conditioning_image(model: Any, batch: Mapping[str, Any], c: Any, xc: Any,
+                       size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """The conditioning as images: captions or class names as text, decodable latents, images, or maps."""
     out: dict[str, torch.Tensor] = {}
-    if hasattr(model.cond_stage_model, "decode") and isinstance(c, torch.Tensor):
-        out["conditioning"] = model.cond_stage_model.decode(c)
+    n = c.shape[0] if isinstance(c, torch.Tensor) else None
+    if isinstance(xc, (list, tuple)) and all(isinstance(s, str) for s in xc):
+        out["conditioning"] = text_images(list(xc)[:n], size)
+    elif isinstance(xc, Mapping) and "human_label" in xc:
+        out["conditioning"] = text_images([str(s) for s in xc["human_label"]][:n], size)
+    elif hasattr(model.cond_stage_model, "decode") and isinstance(c, torch.Tensor):
+        out["conditioning"] = model.cond_stage_model.decode(c[:, :-1] if model.concat_mask_key else c)
     elif isinstance(xc, torch.Tensor) and xc.ndim == 4:
         if xc.shape[1] == 3:
             out["conditioning"] = xc
@@ -125,7 +148,7 @@ def log_images_ldm(model: Any, batch: Mapping[str, Any], N: int, n_row: int, sam
     N, n_row = min(x.shape[0], N), min(x.shape[0], n_row)
     log: dict[str, torch.Tensor] = {"inputs": x, "reconstruction": xrec}
     if model.model.conditioning_key is not None:
-        log.update(conditioning_image(model, batch, c, xc))
+        log.update(conditioning_image(model, batch, c, xc, (x.shape[2], x.shape[3])))
     if plot_diffusion_rows:
         log["diffusion_row"] = rows_grid([model.decode_first_stage(zt) for zt in diffusion_row(model, z[:n_row])])
     if sample:
