@@ -58,7 +58,97 @@ def _validate_arguments(use_spatial_transformer: bool, context_dim: int | None, 
                          "use mixed precision instead, e.g. Lightning precision='bf16-mixed'")
 
 
-class UNetModel(nn.Module):
+class UNetTrunk(nn.Module):
+    """The parts UNetModel and EncoderUNetModel share: timestep embedding, residual/attention blocks, encoder."""
+
+    def _setup_trunk(self, image_size: int, in_channels: int, model_channels: int, out_channels: int,
+                     num_res_blocks: int, attention_resolutions: Sequence[int], dropout: float,
+                     channel_mult: Sequence[int], conv_resample: bool, dims: int, use_checkpoint: bool,
+                     num_heads: int, num_head_channels: int, num_heads_upsample: int, options: _BlockOptions) -> int:
+        """Stores the shared hyper-parameters and builds ``time_embed``; returns the embedding width."""
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.model_channels = model_channels
+        self.out_channels = out_channels
+        self.num_res_blocks = num_res_blocks
+        self.attention_resolutions = tuple(int(r) for r in attention_resolutions)
+        self.dropout = dropout
+        self.channel_mult = tuple(int(m) for m in channel_mult)
+        self.conv_resample = conv_resample
+        self.use_checkpoint = use_checkpoint
+        self.num_heads = num_heads
+        self.num_head_channels = num_head_channels
+        self.num_heads_upsample = num_heads if num_heads_upsample == -1 else num_heads_upsample
+        self._dims = dims
+        self._options = options
+        time_embed_dim = model_channels * 4
+        self.time_embed = nn.Sequential(
+            linear(model_channels, time_embed_dim),
+            nn.SiLU(),
+            linear(time_embed_dim, time_embed_dim),
+        )
+        return time_embed_dim
+
+    def _time_embedding(self, timesteps: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+        """[N] (or scalar) timesteps -> the [N x 4 * model_channels] embedding, in the model's dtype."""
+        timesteps = torch.as_tensor(timesteps, device=x.device)
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(x.shape[0])
+        t_emb = timestep_embedding(timesteps, self.model_channels)
+        return self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))
+
+    def _res_block(self, ch: int, emb_ch: int, out_ch: int | None = None, up: bool = False,
+                   down: bool = False) -> ResBlock:
+        return ResBlock(ch, emb_ch, self.dropout, out_channels=out_ch, dims=self._dims,
+                        use_checkpoint=self.use_checkpoint,
+                        use_scale_shift_norm=self._options.use_scale_shift_norm, up=up, down=down)
+
+    def _attention(self, ch: int, decoder: bool) -> nn.Module:
+        """The attention block at width `ch`, with the original's rule for heads and head width."""
+        opts = self._options
+        if self.num_head_channels == -1:
+            heads, dim_head = self.num_heads, ch // self.num_heads
+        else:
+            heads, dim_head = ch // self.num_head_channels, self.num_head_channels
+        if opts.use_spatial_transformer:
+            if opts.legacy:
+                dim_head = ch // heads
+            # no dropout inside the transformer: the original did not pass it on
+            return SpatialTransformer(ch, heads, dim_head, depth=opts.transformer_depth,
+                                      context_dim=opts.context_dim, use_linear=opts.use_linear,
+                                      use_checkpoint=self.use_checkpoint)
+        if opts.legacy:
+            dim_head = self.num_head_channels
+        return AttentionBlock(ch, num_heads=self.num_heads_upsample if decoder else heads, num_head_channels=dim_head,
+                              use_checkpoint=self.use_checkpoint,
+                              use_new_attention_order=opts.use_new_attention_order)
+
+    def _build_encoder(self, emb_ch: int) -> list[int]:
+        """Builds ``input_blocks``; returns the channels of every skip connection, in order."""
+        mc = self.model_channels
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(self._dims, self.in_channels, mc, 3,
+                                                                           padding=1))])
+        chans = [mc]
+        ch, ds = mc, 1
+        for level, mult in enumerate(self.channel_mult):
+            for _ in range(self.num_res_blocks):
+                layers: list[nn.Module] = [self._res_block(ch, emb_ch, out_ch=mult * mc)]
+                ch = mult * mc
+                if ds in self.attention_resolutions:
+                    layers.append(self._attention(ch, decoder=False))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                chans.append(ch)
+            if level != len(self.channel_mult) - 1:
+                down = (self._res_block(ch, emb_ch, out_ch=ch, down=True) if self._options.resblock_updown
+                        else Downsample(ch, self.conv_resample, dims=self._dims, out_channels=ch))
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                chans.append(ch)
+                ds *= 2
+        self._bottom_ds = ds
+        return chans
+
+
+class UNetModel(UNetTrunk):
     """The full UNet with timestep embedding, self-attention or cross-attention (SpatialTransformer) blocks.
 
     :param image_size: spatial size of the inputs (informational; any size divisible by 2^(levels-1) works).
@@ -118,35 +208,16 @@ class UNetModel(nn.Module):
     ):
         super().__init__()
         _validate_arguments(use_spatial_transformer, context_dim, num_heads, num_head_channels, use_fp16)
-        self.image_size = image_size
-        self.in_channels = in_channels
-        self.model_channels = model_channels
-        self.out_channels = out_channels
-        self.num_res_blocks = num_res_blocks
-        self.attention_resolutions = tuple(int(r) for r in attention_resolutions)
-        self.dropout = dropout
-        self.channel_mult = tuple(int(m) for m in channel_mult)
-        self.conv_resample = conv_resample
         self.num_classes = num_classes
-        self.use_checkpoint = use_checkpoint
-        self.num_heads = num_heads
-        self.num_head_channels = num_head_channels
-        self.num_heads_upsample = num_heads if num_heads_upsample == -1 else num_heads_upsample
         self.predict_codebook_ids = n_embed is not None
-        self._dims = dims
-        self._options = _BlockOptions(use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown,
-                                      use_new_attention_order=use_new_attention_order,
-                                      use_spatial_transformer=use_spatial_transformer,
-                                      transformer_depth=transformer_depth,
-                                      context_dim=None if context_dim is None else int(context_dim), legacy=legacy,
-                                      use_linear=use_linear_in_transformer)
-
-        time_embed_dim = model_channels * 4
-        self.time_embed = nn.Sequential(
-            linear(model_channels, time_embed_dim),
-            nn.SiLU(),
-            linear(time_embed_dim, time_embed_dim),
-        )
+        options = _BlockOptions(use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown,
+                                use_new_attention_order=use_new_attention_order,
+                                use_spatial_transformer=use_spatial_transformer, transformer_depth=transformer_depth,
+                                context_dim=None if context_dim is None else int(context_dim), legacy=legacy,
+                                use_linear=use_linear_in_transformer)
+        time_embed_dim = self._setup_trunk(image_size, in_channels, model_channels, out_channels, num_res_blocks,
+                                           attention_resolutions, dropout, channel_mult, conv_resample, dims,
+                                           use_checkpoint, num_heads, num_head_channels, num_heads_upsample, options)
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, time_embed_dim)
 
@@ -165,56 +236,6 @@ class UNetModel(nn.Module):
         )
         if self.predict_codebook_ids:
             self.id_predictor = nn.Sequential(normalization(ch), conv_nd(dims, model_channels, n_embed, 1))
-
-    def _res_block(self, ch: int, emb_ch: int, out_ch: int | None = None, up: bool = False,
-                   down: bool = False) -> ResBlock:
-        return ResBlock(ch, emb_ch, self.dropout, out_channels=out_ch, dims=self._dims,
-                        use_checkpoint=self.use_checkpoint,
-                        use_scale_shift_norm=self._options.use_scale_shift_norm, up=up, down=down)
-
-    def _attention(self, ch: int, decoder: bool) -> nn.Module:
-        """The attention block at width `ch`, with the original's rule for heads and head width."""
-        opts = self._options
-        if self.num_head_channels == -1:
-            heads, dim_head = self.num_heads, ch // self.num_heads
-        else:
-            heads, dim_head = ch // self.num_head_channels, self.num_head_channels
-        if opts.use_spatial_transformer:
-            if opts.legacy:
-                dim_head = ch // heads
-            # no dropout inside the transformer: the original did not pass it on
-            return SpatialTransformer(ch, heads, dim_head, depth=opts.transformer_depth,
-                                      context_dim=opts.context_dim, use_linear=opts.use_linear,
-                                      use_checkpoint=self.use_checkpoint)
-        if opts.legacy:
-            dim_head = self.num_head_channels
-        return AttentionBlock(ch, num_heads=self.num_heads_upsample if decoder else heads, num_head_channels=dim_head,
-                              use_checkpoint=self.use_checkpoint,
-                              use_new_attention_order=opts.use_new_attention_order)
-
-    def _build_encoder(self, emb_ch: int) -> list[int]:
-        """Builds ``input_blocks``; returns the channels of every skip connection, in order."""
-        mc = self.model_channels
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(self._dims, self.in_channels, mc, 3,
-                                                                           padding=1))])
-        chans = [mc]
-        ch, ds = mc, 1
-        for level, mult in enumerate(self.channel_mult):
-            for _ in range(self.num_res_blocks):
-                layers: list[nn.Module] = [self._res_block(ch, emb_ch, out_ch=mult * mc)]
-                ch = mult * mc
-                if ds in self.attention_resolutions:
-                    layers.append(self._attention(ch, decoder=False))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                chans.append(ch)
-            if level != len(self.channel_mult) - 1:
-                down = (self._res_block(ch, emb_ch, out_ch=ch, down=True) if self._options.resblock_updown
-                        else Downsample(ch, self.conv_resample, dims=self._dims, out_channels=ch))
-                self.input_blocks.append(TimestepEmbedSequential(down))
-                chans.append(ch)
-                ds *= 2
-        self._bottom_ds = ds
-        return chans
 
     def _build_decoder(self, emb_ch: int, input_block_chans: list[int]) -> int:
         """Builds ``output_blocks`` consuming the skip channels; returns the final channel count."""
@@ -247,10 +268,7 @@ class UNetModel(nn.Module):
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("UNetModel: pass class labels 'y' if and only if the model is class-conditional "
                              f"(num_classes={self.num_classes})")
-        timesteps = torch.as_tensor(timesteps, device=x.device)
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(self.time_embed[0].weight.dtype))
+        emb = self._time_embedding(timesteps, x)
         if self.num_classes is not None:
             if y.shape != (x.shape[0],):
                 raise ValueError(f"UNetModel: labels 'y' must have shape [{x.shape[0]}], got {tuple(y.shape)}")
