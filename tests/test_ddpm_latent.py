@@ -294,3 +294,14 @@ def test_log_images_shows_captions_and_class_names_as_text():
     log = inpaint.log_images(batch, N=2, ddim_steps=None, sample=False, plot_progressive_rows=False,
                              plot_diffusion_rows=False)
     torch.testing.assert_close(log["conditioning"], batch["masked_image"].permute(0, 3, 1, 2))
+
+
+def test_cond_stage_forward_names_the_conditioner_method():
+    m = make_ldm(cond_stage_config=CLASSES, cond_stage_key="class_label", conditioning_key="crossattn",
+                 cond_stage_forward="forward")
+    labels = {"class_label": torch.tensor([3])}
+    torch.testing.assert_close(m.get_learned_conditioning(labels), m.cond_stage_model.embedding.weight[[3]][:, None])
+    bad = make_ldm(cond_stage_config=TEXT, cond_stage_key="caption", conditioning_key="crossattn",
+                   cond_stage_forward="embed_text")
+    with pytest.raises(AttributeError, match="embed_text"):
+        bad.get_learned_conditioning(["x"])
