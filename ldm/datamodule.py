@@ -1,6 +1,7 @@
 """`DataModuleFromConfig`: a Lightning data module whose splits are datasets built from config.
 
-Configs name it as ``main.DataModuleFromConfig`` (re-exported by ``main.py``) or ``ldm.datamodule.DataModuleFromConfig``.
+Configs name it as ``main.DataModuleFromConfig`` (re-exported by ``main.py``) or
+``ldm.datamodule.DataModuleFromConfig``.
 """
 from __future__ import annotations
 
@@ -84,6 +85,8 @@ class DataModuleFromConfig(pl.LightningDataModule):
         for split, config in self.dataset_configs.items():
             dataset = instantiate_from_config(config)
             self.datasets[split] = WrappedDataset(dataset) if self.wrap else dataset
+            size = len(dataset) if hasattr(dataset, "__len__") else "streamed"
+            logger.info("data %s: %s, %s items", split, type(dataset).__name__, size)
 
     def _dataloader(self, split: str) -> DataLoader:
         if not self.datasets:

@@ -86,8 +86,8 @@ def test_datamodule_wraps_and_never_shuffles_iterable_datasets():
     wrapped = DataModuleFromConfig(batch_size=2, train=TOY_DATA, wrap=True, num_workers=0)
     wrapped.setup()
     assert isinstance(wrapped.datasets["train"], WrappedDataset) and len(wrapped.datasets["train"]) == 16
-    stream = DataModuleFromConfig(batch_size=2, train={"target": "tests.helpers.toy.ToyStream", "params": {"length": 5}},
-                                  num_workers=0)
+    stream_cfg = {"target": "tests.helpers.toy.ToyStream", "params": {"length": 5}}
+    stream = DataModuleFromConfig(batch_size=2, train=stream_cfg, num_workers=0)
     stream.setup()
     batches = [b["image"][:, 0, 0, 0].tolist() for b in stream.train_dataloader()]
     assert batches == [[0.0, 1.0], [2.0, 3.0], [4.0]]

@@ -116,3 +116,14 @@ def test_config_error_names_the_file_and_key(tmp_path):
     with pytest.raises(Exception) as e:
         main(["--base", str(TOY), "-l", str(tmp_path), "model.params.chanels=3", *QUIET])
     assert "params.chanels" in str(e.value) and "'channels'" in str(e.value) and str(TOY) in str(e.value)
+
+
+def test_debug_run_that_fails_is_moved_to_debug_runs(tmp_path):
+    logs = tmp_path / "logs"
+    with pytest.raises(RuntimeError, match="toy failure"):
+        main(["--base", str(TOY), "-t", "-d", "-l", str(logs), "-n", "dbg", "model.params.fail_at_step=2",
+              "lightning.trainer.max_steps=5", *QUIET])
+    moved = list((logs / "debug_runs").iterdir())
+    assert len(moved) == 1 and moved[0].name.endswith("_dbg")
+    assert (moved[0] / "checkpoints" / "last.ckpt").is_file()  # the crash checkpoint travelled with it
+    assert sorted(p.name for p in logs.iterdir()) == ["debug_runs"]
