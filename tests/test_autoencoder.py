@@ -323,6 +323,19 @@ def test_linear_and_none_attention_types():
                 attn_type="fancy")
 
 
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    dd = _tiny_ddconfig()
+    plain = AutoencoderKL(ddconfig=dd, lossconfig=IDENTITY_LOSS, embed_dim=3)
+    ckpt = AutoencoderKL(ddconfig={**dd, "use_checkpoint": True}, lossconfig=IDENTITY_LOSS, embed_dim=3)
+    ckpt.load_state_dict(plain.state_dict(), strict=True)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    for m in (plain, ckpt):
+        m.decode(m.encode(x).mode()).square().mean().backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=name)
+
+
 def test_downsample_pads_right_and_bottom_only():
     torch.manual_seed(0)
     ds = Downsample(4, with_conv=True)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import difflib
 import enum
+import functools
 import inspect
 import logging
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ldm.util import ConfigError
@@ -187,14 +189,17 @@ class Encoder(nn.Module):
 
     f = 2^(len(ch_mult) - 1). `resolution` is the nominal input size; it only decides at which levels the
     `attn_resolutions` attention blocks sit (the network itself runs on any size divisible by f).
+    `use_checkpoint` recomputes the blocks' activations in the backward pass (less memory, more compute).
     """
 
     def __init__(self, *, ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
                  attn_resolutions: Sequence[int], dropout: float = 0.0, resamp_with_conv: bool = True,
                  in_channels: int, resolution: int, z_channels: int, double_z: bool = True,
-                 use_linear_attn: bool = False, attn_type: str | AttentionType = AttentionType.VANILLA) -> None:
+                 use_linear_attn: bool = False, attn_type: str | AttentionType = AttentionType.VANILLA,
+                 use_checkpoint: bool = False) -> None:
         super().__init__()
         attn_type = _resolve_attn_type(attn_type, use_linear_attn)
+        self.use_checkpoint = use_checkpoint
         self.ch = ch
         self.temb_ch = 0
         self.num_resolutions = len(ch_mult)
@@ -232,15 +237,16 @@ class Encoder(nn.Module):
                                   kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        run = functools.partial(_run, self.use_checkpoint)
         h = self.conv_in(x)
         for i_level, down in enumerate(self.down):
             for i_block in range(self.num_res_blocks):
-                h = down.block[i_block](h, None)
+                h = run(down.block[i_block], h)
                 if len(down.attn) > 0:
-                    h = down.attn[i_block](h)
+                    h = run(down.attn[i_block], h)
             if i_level != self.num_resolutions - 1:
                 h = down.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h, None)), None)
+        h = run(self.mid.block_2, run(self.mid.attn_1, run(self.mid.block_1, h)))
         return self.conv_out(nonlinearity(self.norm_out(h)))
 
 
@@ -249,14 +255,17 @@ class Decoder(nn.Module):
 
     :param give_pre_end: return the features before `norm_out`/`conv_out` ([N x ch*ch_mult[0] x H x W]).
     :param tanh_out: squash the output with tanh.
+    :param use_checkpoint: recompute the blocks' activations in the backward pass (less memory, more compute).
     """
 
     def __init__(self, *, ch: int, out_ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
                  attn_resolutions: Sequence[int], dropout: float = 0.0, resamp_with_conv: bool = True,
                  resolution: int, z_channels: int, give_pre_end: bool = False, tanh_out: bool = False,
-                 use_linear_attn: bool = False, attn_type: str | AttentionType = AttentionType.VANILLA) -> None:
+                 use_linear_attn: bool = False, attn_type: str | AttentionType = AttentionType.VANILLA,
+                 use_checkpoint: bool = False) -> None:
         super().__init__()
         attn_type = _resolve_attn_type(attn_type, use_linear_attn)
+        self.use_checkpoint = use_checkpoint
         self.ch = ch
         self.temb_ch = 0
         self.num_resolutions = len(ch_mult)
@@ -295,20 +304,29 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         self.last_z_shape = z.shape
+        run = functools.partial(_run, self.use_checkpoint)
         h = self.conv_in(z)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h, None)), None)
+        h = run(self.mid.block_2, run(self.mid.attn_1, run(self.mid.block_1, h)))
         for i_level in reversed(range(self.num_resolutions)):
             up = self.up[i_level]
             for i_block in range(self.num_res_blocks + 1):
-                h = up.block[i_block](h, None)
+                h = run(up.block[i_block], h)
                 if len(up.attn) > 0:
-                    h = up.attn[i_block](h)
+                    h = run(up.attn[i_block], h)
             if i_level != 0:
                 h = up.upsample(h)
         if self.give_pre_end:
             return h
         h = self.conv_out(nonlinearity(self.norm_out(h)))
         return torch.tanh(h) if self.tanh_out else h
+
+
+def _run(use_checkpoint: bool, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Applies a ResnetBlock or attention block, recomputing its activations in the backward pass (activation
+    checkpointing) when `use_checkpoint` and gradients are on."""
+    if use_checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, h, use_reentrant=False)
+    return block(h)
 
 
 def _middle(channels: int, temb_channels: int, dropout: float, attn_type: AttentionType) -> nn.Module:
