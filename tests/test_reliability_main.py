@@ -28,6 +28,7 @@ def _steps(path: Path) -> list[int]:
         return []
 
 
+@pytest.mark.slow
 def test_sigterm_on_main_saves_last_ckpt_exits_zero_and_resumes(tmp_path):
     logs, steps = tmp_path / "logs", tmp_path / "steps.txt"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")

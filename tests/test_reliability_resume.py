@@ -118,7 +118,9 @@ class StopAtStep(pl.Callback):
             self.preempt.requested = 10  # SIGUSR1's number on Linux; only its presence matters
 
 
-def _train(model_cls, root: Path, max_steps: int, stop_at: int | None = None, ckpt: Path | None = None):
+def _train(model_cls, root: Path, max_steps: int, stop_at: int | None = None, ckpt: Path | None = None,
+           loader_fn=make_loader):
+    """Trains a fresh `model_cls()` with the reliability callbacks; `stop_at` pre-empts it after that step."""
     pl.seed_everything(0, workers=True)
     model = model_cls()
     preempt = PreemptionCheckpoint(root / "checkpoints" / "last.ckpt")
@@ -126,8 +128,22 @@ def _train(model_cls, root: Path, max_steps: int, stop_at: int | None = None, ck
     if stop_at is not None:
         callbacks.insert(0, StopAtStep(preempt, stop_at))
     trainer = make_trainer(root, max_steps, callbacks)
-    trainer.fit(model, make_loader(), ckpt_path=str(ckpt) if ckpt else None)
+    trainer.fit(model, loader_fn(), ckpt_path=str(ckpt) if ckpt else None)
     return model, trainer
+
+
+def assert_same_training_state(full, full_trainer, resumed, resumed_trainer) -> None:
+    """Weights and buffers (EMA, scale_factor), optimiser moments, scheduler state and global step are equal."""
+    assert resumed_trainer.global_step == full_trainer.global_step
+    full_sd, resumed_sd = full.state_dict(), resumed.state_dict()
+    assert full_sd.keys() == resumed_sd.keys()
+    for name, a in full_sd.items():
+        assert torch.equal(a, resumed_sd[name]), name
+    full_opt, resumed_opt = _optimizer_tensors(full_trainer), _optimizer_tensors(resumed_trainer)
+    assert len(full_opt) == len(resumed_opt) > 0
+    assert all(torch.equal(a, b) for a, b in zip(full_opt, resumed_opt))
+    for s_full, s_res in zip(full_trainer.lr_scheduler_configs, resumed_trainer.lr_scheduler_configs):
+        assert s_full.scheduler.state_dict() == s_res.scheduler.state_dict()
 
 
 def _optimizer_tensors(trainer):
@@ -150,13 +166,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, model_cls):
 
     assert resumed_trainer.global_step == full_trainer.global_step == 2 * n
     assert part.seen + resumed.seen == full.seen  # the same batches in the same order, none repeated
-    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), name  # weights, EMA buffer and scale_factor
-    full_opt, resumed_opt = _optimizer_tensors(full_trainer), _optimizer_tensors(resumed_trainer)
-    assert len(full_opt) == len(resumed_opt) > 0
-    assert all(torch.equal(a, b) for a, b in zip(full_opt, resumed_opt))
-    for s_full, s_res in zip(full_trainer.lr_scheduler_configs, resumed_trainer.lr_scheduler_configs):
-        assert s_full.scheduler.state_dict() == s_res.scheduler.state_dict()
+    assert_same_training_state(full, full_trainer, resumed, resumed_trainer)
 
 
 def test_resume_without_skipping_repeats_batches(tmp_path):

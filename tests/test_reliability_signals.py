@@ -16,6 +16,8 @@ import pytest
 
 from ldm.checkpoint import load_checkpoint
 
+pytestmark = pytest.mark.slow  # real training subprocesses
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "test_reliability_resume.py"
 MAX_STEPS = 100_000

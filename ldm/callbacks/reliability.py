@@ -239,6 +239,13 @@ class NonFiniteGuard(pl.Callback):
         self.consecutive = int(state_dict.get("consecutive", 0))
 
 
+def _seed_host_generators(seed: int) -> None:
+    """Seeds the CPU generators that data transforms use: torch's default CPU generator, numpy's, random's."""
+    torch.random.default_generator.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 class StepSeeding(pl.Callback):
     """Reseeds the global random generators (torch on every device, numpy, random) before every training batch
     from (seed, global step, rank), so a resumed run draws the same noise, timesteps and dropout masks as an
@@ -266,13 +273,20 @@ class ResumableSampler(RandomSampler):
     run resumes in the middle of an epoch, so the resumed run sees exactly the batches the interrupted one
     had not yet seen.
 
+    When the dataset is read in the training process (``num_workers=0``), random transforms draw from the
+    global generators; the sampler reseeds them (CPU torch, numpy, random) from (seed, epoch, position) before
+    handing out each index, so an item's augmentation does not depend on when it was fetched, and a resumed
+    run fetches the same augmented batches as an uninterrupted one.
+
     :param length: the dataset length.
+    :param seed_transforms: reseed the global generators per position as described above.
     """
 
-    def __init__(self, length: int, seed: int = 0) -> None:
+    def __init__(self, length: int, seed: int = 0, seed_transforms: bool = True) -> None:
         super().__init__(range(int(length)))
         self.length = int(length)
         self.seed = int(seed)
+        self.seed_transforms = seed_transforms
         self.epoch = 0
         self._skip = 0
 
@@ -287,7 +301,10 @@ class ResumableSampler(RandomSampler):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.length, generator=g).tolist()
         start, self._skip = self._skip, 0
-        return iter(order[start:])
+        for position in range(start, self.length):
+            if self.seed_transforms:
+                _seed_host_generators((self.seed * 1_000_003 + self.epoch * 65_537 + position) % (2 ** 32))
+            yield order[position]
 
     def __len__(self) -> int:
         return self.length
