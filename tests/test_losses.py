@@ -290,3 +290,23 @@ def test_lpips_loads_torchvision_vgg_and_package_heads(tmp_path, monkeypatch):
     assert d.shape == (2, 1, 1, 1) and (d > 0).all()
     torch.testing.assert_close(d, lp(a, b).detach())  # deterministic (no dropout)
     del parent
+
+
+def test_kl_loss_pixel_weights_and_conditional_discriminator_checks(kl_loss):
+    torch.manual_seed(0)
+    x, xrec = torch.rand(1, 3, 16, 16) * 2 - 1, torch.rand(1, 3, 16, 16) * 2 - 1
+    post = _posterior(x)
+    with torch.no_grad():
+        plain, log = kl_loss(x, xrec, post, 0, global_step=0)
+        weighted, wlog = kl_loss(x, xrec, post, 0, global_step=0, weights=3.0)
+    # only the weighted NLL enters the total; the logged nll_loss is unweighted
+    torch.testing.assert_close(weighted - plain, 2 * log["train/nll_loss"])
+    torch.testing.assert_close(wlog["train/nll_loss"], log["train/nll_loss"])
+    with pytest.raises(ValueError, match="disc_conditional=False"):
+        kl_loss(x, xrec, post, 1, global_step=0, cond=torch.zeros(1, 1, 16, 16))
+    cond_loss = LPIPSWithDiscriminator(disc_start=0, disc_conditional=True, disc_in_channels=4, disc_num_layers=1,
+                                       perceptual_weight=0.0, perceptual_weights="random")
+    with pytest.raises(ValueError, match="pass `cond`"):
+        cond_loss(x, xrec, post, 1, global_step=0)
+    d_loss, _ = cond_loss(x, xrec, post, 1, global_step=0, cond=torch.zeros(1, 1, 16, 16))
+    assert d_loss.item() > 0
