@@ -157,3 +157,23 @@ def test_bundled_fid_of_photos_vs_themselves_and_vs_noise(bundled, photos, photo
     fid_flips = frechet_distance_from_features(photo_stats.features[:3], photo_stats.features[3:6])
     assert fid_noise > 100.0
     assert fid_flips < fid_noise / 3
+
+
+def test_reference_statistics_are_memoised_per_image_set_and_extractor():
+    class Counting(MeanColourExtractor):
+        calls = 0
+
+        def forward(self, images):
+            self.calls += 1
+            return super().forward(images)
+
+    ex = Counting()
+    ref = np.random.default_rng(5).integers(0, 256, size=(12, 8, 8, 3), dtype=np.uint8)
+    first = reference_stats(ref, ex, batch_size=4)
+    assert ex.calls == 3
+    assert reference_stats(ref.copy(), ex, batch_size=4) is first and ex.calls == 3  # same content: memo hit
+    changed = ref.copy()
+    changed[0, 0, 0, 0] ^= 1
+    reference_stats(changed, ex, batch_size=4)
+    assert ex.calls == 6
+    reference_stats(ref, Counting(), batch_size=4)  # another extractor instance: its own statistics

@@ -140,21 +140,24 @@ def reference_stats(source: str | Path | np.ndarray | torch.Tensor, extractor: F
                              f"current extractor '{extractor.name}'")
         return stats
     images = open_images(source, size=size)
-    memo_key = (images.fingerprint(), extractor.name, id(extractor), limit)
-    if memo_key in _memory_cache:
-        return _memory_cache[memo_key]
+    fingerprint = images.fingerprint()
+    memo_key = (fingerprint, extractor.name, id(extractor), limit)
     cache_path = None
     if cache_dir is not None:
-        key = hashlib.sha1(f"{images.fingerprint()}|{extractor.name}|{limit}".encode()).hexdigest()[:20]
+        key = hashlib.sha1(f"{fingerprint}|{extractor.name}|{limit}".encode()).hexdigest()[:20]
         cache_path = Path(cache_dir) / f"ref-stats-{key}.npz"
-        if cache_path.is_file():
-            logger.info("reference statistics of %s read from the cache %s", images.description, cache_path)
-            return _remember(memo_key, FeatureStats.load(cache_path))
-    stats = extract_features(images, extractor, batch_size=batch_size, limit=limit, progress=progress)
-    if cache_path is not None:
+    if memo_key in _memory_cache:
+        stats = _memory_cache[memo_key]
+    elif cache_path is not None and cache_path.is_file():
+        logger.info("reference statistics of %s read from the cache %s", images.description, cache_path)
+        return _remember(memo_key, FeatureStats.load(cache_path))
+    else:
+        stats = _remember(memo_key, extract_features(images, extractor, batch_size=batch_size, limit=limit,
+                                                     progress=progress))
+    if cache_path is not None and not cache_path.is_file():
         stats.save(cache_path)
         logger.info("reference statistics of %s cached in %s", images.description, cache_path)
-    return _remember(memo_key, stats)
+    return stats
 
 
 def _remember(key: tuple[str, str, int, int | None], stats: FeatureStats) -> FeatureStats:
