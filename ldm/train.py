@@ -52,7 +52,8 @@ def checkpoint_config(lightning_config: DictConfig, run: RunPaths, model: Any) -
 
 
 def callbacks_config(lightning_config: DictConfig, run: RunPaths, model: Any) -> DictConfig:
-    """``lightning.callbacks`` merged over the default callbacks (which a config can re-parameterise by name)."""
+    """``lightning.callbacks`` merged over the default callbacks (which a config can re-parameterise by name, or
+    switch off by setting the name to null)."""
     defaults: dict[str, Any] = {
         "image_logger": {"target": "ldm.callbacks.ImageLogger",
                          "params": {"batch_frequency": 750, "max_images": 4, "clamp": True}},
@@ -108,7 +109,7 @@ def build(opt: Any, unknown: Sequence[str], now: str) -> tuple[RunPaths, DictCon
         callbacks = [SetupCallback(resume=opt.resume, now=now, logdir=str(run.logdir), ckptdir=str(run.ckptdir),
                                    cfgdir=str(run.cfgdir), config=config, lightning_config=lightning_config)]
         callbacks_cfg = callbacks_config(lightning_config, run, model)
-        callbacks += [instantiate_from_config(callbacks_cfg[k]) for k in callbacks_cfg]
+        callbacks += [instantiate_from_config(c) for c in callbacks_cfg.values() if c is not None]
         callbacks += reliability_callbacks(lightning_config, run.ckptdir)
         trainer_logger = instantiate_from_config(logger_config(lightning_config, run, opt.debug))
     plugins = [*as_list(trainer_kwargs.pop("plugins", None) or []), *reliability_plugins(lightning_config)]

@@ -210,3 +210,9 @@ def test_logger_defaults_to_csv_in_the_run_dir(tmp_path):
     assert cfg.target.endswith("CSVLogger") and cfg.params.save_dir == str(run.logdir)
     wandb = logger_config(OmegaConf.create({"logger": {"target": "pytorch_lightning.loggers.WandbLogger"}}), run, True)
     assert wandb.params.offline is True and wandb.params.id == "NOW"
+
+
+def test_a_default_callback_can_be_switched_off_with_null(tmp_path):
+    run = resolve_run(_opt(logdir=str(tmp_path)), "NOW")
+    cfg = callbacks_config(OmegaConf.create({"callbacks": {"image_logger": None}}), run, object())
+    assert cfg.image_logger is None and cfg.learning_rate_logger is not None
