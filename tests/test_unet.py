@@ -276,3 +276,43 @@ def test_dropout_only_in_residual_blocks_as_the_original():
     res = [m.p for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and "out_layers" in n]
     other = [m.p for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and "out_layers" not in n]
     assert set(res) == {0.3} and other and set(other) == {0.0}  # the transformers get no dropout
+
+
+def tiny_encoder(**overrides):
+    from ldm.modules.diffusionmodules.openaimodel import EncoderUNetModel
+
+    cfg = dict(image_size=8, in_channels=3, model_channels=32, out_channels=5, num_res_blocks=1,
+               attention_resolutions=[2], channel_mult=[1, 2], num_heads=2)
+    cfg.update(overrides)
+    return EncoderUNetModel(**cfg)
+
+
+def test_encoder_unet_heads():
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 400])
+    adaptive = tiny_encoder()
+    assert torch.count_nonzero(adaptive(x, t)) == 0  # zero-initialised projection
+    out = randomize(adaptive)(x, t)
+    assert out.shape == (2, 5) and torch.allclose(adaptive(x[:1], t[:1]), out[:1], atol=1e-5)
+    spatial = tiny_encoder(pool="spatial_v2")
+    # spatial means of every block: conv 32 + res 32 + down 32 + res 64, and the middle block 64
+    assert spatial.out[0].in_features == 32 + 32 + 32 + 64 + 64
+    assert spatial(x, t).shape == (2, 5)
+    assert tiny_encoder(pool="attention", num_head_channels=16, num_heads=-1)(x, t).shape == (2, 5)
+    with pytest.raises(ValueError, match="num_head_channels"):
+        tiny_encoder(pool="attention")
+    with pytest.raises(ValueError, match="unknown pool 'max'"):
+        tiny_encoder(pool="max")
+
+
+def test_attention_pool_of_a_constant_map_is_its_value_projection():
+    from ldm.modules.diffusionmodules.openaimodel import AttentionPool2d
+
+    torch.manual_seed(0)
+    pool = AttentionPool2d(spacial_dim=3, embed_dim=8, num_heads_channels=4, output_dim=6)
+    with torch.no_grad():
+        pool.positional_embedding.zero_()
+    v = torch.randn(2, 8)
+    x = v[:, :, None, None].expand(2, 8, 3, 3)
+    w, b = pool.qkv_proj.weight[16:, :, 0], pool.qkv_proj.bias[16:]
+    expected = pool.c_proj(((v @ w.T) + b)[:, :, None])[:, :, 0]
+    assert torch.allclose(pool(x), expected, atol=1e-5)

@@ -6,6 +6,7 @@ import paths (``openaimodel.ResBlock``, ``openaimodel.TimestepEmbedSequential``,
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Sequence
 
 import torch
@@ -14,6 +15,7 @@ from torch import nn
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.unet_blocks import (
     AttentionBlock,
+    AttentionPool2d,
     Downsample,
     QKVAttention,
     QKVAttentionLegacy,
@@ -24,7 +26,7 @@ from ldm.modules.diffusionmodules.unet_blocks import (
 )
 from ldm.modules.diffusionmodules.util import conv_nd, linear, normalization, timestep_embedding, zero_module
 
-__all__ = ["UNetModel", "AttentionBlock", "Downsample", "QKVAttention", "QKVAttentionLegacy", "ResBlock",
+__all__ = ["UNetModel", "EncoderUNetModel", "AttentionBlock", "AttentionPool2d", "Downsample", "QKVAttention", "QKVAttentionLegacy", "ResBlock",
            "TimestepBlock", "TimestepEmbedSequential", "Upsample"]
 
 
@@ -284,3 +286,98 @@ class UNetModel(UNetTrunk):
             h = module(torch.cat([h, hs.pop()], dim=1), emb, context)
         h = h.to(x.dtype)
         return self.id_predictor(h) if self.predict_codebook_ids else self.out(h)
+
+
+class Pooling(str, enum.Enum):
+    """How EncoderUNetModel reduces its features to a vector."""
+
+    ADAPTIVE = "adaptive"      # global average pooling, zero-initialised 1x1 convolution
+    ATTENTION = "attention"    # CLIP-style attention pooling (needs num_head_channels)
+    SPATIAL = "spatial"        # MLP (ReLU) on the spatial means of every block's features
+    SPATIAL_V2 = "spatial_v2"  # MLP (GroupNorm + SiLU) on the same
+
+
+class EncoderUNetModel(UNetTrunk):
+    """The encoder half of the UNet with a pooled head, e.g. a noisy-image classifier: [N x C x H x W] -> [N x K].
+
+    Arguments as :class:`UNetModel` (self-attention only), plus `pool` (see :class:`Pooling`).
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        in_channels: int,
+        model_channels: int,
+        out_channels: int,
+        num_res_blocks: int,
+        attention_resolutions: Sequence[int],
+        dropout: float = 0.0,
+        channel_mult: Sequence[int] = (1, 2, 4, 8),
+        conv_resample: bool = True,
+        dims: int = 2,
+        use_checkpoint: bool = False,
+        use_fp16: bool = False,
+        num_heads: int = 1,
+        num_head_channels: int = -1,
+        num_heads_upsample: int = -1,
+        use_scale_shift_norm: bool = False,
+        resblock_updown: bool = False,
+        use_new_attention_order: bool = False,
+        pool: str = "adaptive",
+    ):
+        super().__init__()
+        _validate_arguments(False, None, num_heads, num_head_channels, use_fp16)
+        try:
+            self.pool = Pooling(pool)
+        except ValueError:
+            raise ValueError(f"EncoderUNetModel: unknown pool '{pool}'; choose one of "
+                             f"{', '.join(p.value for p in Pooling)}") from None
+        options = _BlockOptions(use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown,
+                                use_new_attention_order=use_new_attention_order, use_spatial_transformer=False,
+                                transformer_depth=1, context_dim=None, legacy=True, use_linear=False)
+        time_embed_dim = self._setup_trunk(image_size, in_channels, model_channels, out_channels, num_res_blocks,
+                                           attention_resolutions, dropout, channel_mult, conv_resample, dims,
+                                           use_checkpoint, num_heads, num_head_channels, num_heads_upsample, options)
+        chans = self._build_encoder(time_embed_dim)
+        ch = chans[-1]
+        self.middle_block = TimestepEmbedSequential(
+            self._res_block(ch, time_embed_dim),
+            self._attention(ch, decoder=False),
+            self._res_block(ch, time_embed_dim),
+        )
+        self.out = self._head(ch, sum(chans) + ch)
+
+    def _head(self, ch: int, feature_size: int) -> nn.Module:
+        if self.pool is Pooling.ADAPTIVE:
+            return nn.Sequential(normalization(ch), nn.SiLU(), nn.AdaptiveAvgPool2d((1, 1)),
+                                 zero_module(conv_nd(self._dims, ch, self.out_channels, 1)), nn.Flatten())
+        if self.pool is Pooling.ATTENTION:
+            if self.num_head_channels == -1:
+                raise ValueError("EncoderUNetModel: pool='attention' needs num_head_channels")
+            return nn.Sequential(normalization(ch), nn.SiLU(),
+                                 AttentionPool2d(self.image_size // self._bottom_ds, ch, self.num_head_channels,
+                                                 self.out_channels))
+        if self.pool is Pooling.SPATIAL:
+            return nn.Sequential(nn.Linear(feature_size, 2048), nn.ReLU(), nn.Linear(2048, self.out_channels))
+        return nn.Sequential(nn.Linear(feature_size, 2048), normalization(2048), nn.SiLU(),
+                             nn.Linear(2048, self.out_channels))
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """
+        :param x: an [N x C x H x W] Tensor of inputs.
+        :param timesteps: an [N] Tensor of timesteps (or a scalar).
+        :return: an [N x out_channels] Tensor.
+        """
+        emb = self._time_embedding(timesteps, x)
+        spatial = self.pool in (Pooling.SPATIAL, Pooling.SPATIAL_V2)
+        means = []
+        h = x
+        for module in self.input_blocks:
+            h = module(h, emb)
+            if spatial:
+                means.append(h.mean(dim=(2, 3)))
+        h = self.middle_block(h, emb)
+        if spatial:
+            means.append(h.mean(dim=(2, 3)))
+            return self.out(torch.cat(means, dim=-1).to(x.dtype))
+        return self.out(h.to(x.dtype))

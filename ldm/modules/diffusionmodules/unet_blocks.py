@@ -253,3 +253,28 @@ class AttentionBlock(nn.Module):
         x = x.reshape(b, c, -1)
         h = self.proj_out(self.attention(self.qkv(self.norm(x))))
         return (x + h).reshape(b, c, *spatial)
+
+
+class AttentionPool2d(nn.Module):
+    """CLIP-style attention pooling: [N x C x H x W] -> [N x output_dim] (the mean token attends to all pixels).
+
+    :param spacial_dim: H = W of the input (sets the size of the positional embedding).
+    :param embed_dim: channels C.
+    :param num_heads_channels: channels per head.
+    :param output_dim: output width (defaults to `embed_dim`).
+    """
+
+    def __init__(self, spacial_dim: int, embed_dim: int, num_heads_channels: int, output_dim: int | None = None):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(torch.randn(embed_dim, spacial_dim ** 2 + 1) / embed_dim ** 0.5)
+        self.qkv_proj = conv_nd(1, embed_dim, 3 * embed_dim, 1)
+        self.c_proj = conv_nd(1, embed_dim, output_dim or embed_dim, 1)
+        self.num_heads = embed_dim // num_heads_channels
+        self.attention = QKVAttention(self.num_heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        x = x.reshape(b, c, -1)
+        x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)
+        x = x + self.positional_embedding[None].to(x.dtype)
+        return self.c_proj(self.attention(self.qkv_proj(x)))[:, :, 0]
