@@ -206,6 +206,8 @@ class NonFiniteGuard(pl.Callback):
                                  optimizer: torch.optim.Optimizer) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         loss_finite, self._loss_finite = self._loss_finite, True
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            params = []  # fp16 loss scaling: the scaler skips steps with inf gradients itself and lowers its scale
         grads_finite = not params or bool(torch.stack([torch.isfinite(p.grad).all() for p in params]).all())
         if loss_finite and grads_finite:
             return
