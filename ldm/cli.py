@@ -27,7 +27,8 @@ RENAMED_TRAINER_ARGS = {"replace_sampler_ddp": "use_distributed_sampler", "distr
 REMOVED_TRAINER_ARGS = ("weights_summary", "progress_bar_refresh_rate", "flush_logs_every_n_steps",
                         "terminate_on_nan", "auto_select_gpus", "track_grad_norm", "move_metrics_to_cpu",
                         "resume_from_checkpoint", "checkpoint_callback", "prepare_data_per_node")
-LEGACY_ACCELERATORS = ("ddp", "ddp_spawn", "ddp2", "dp", "ddp_cpu")
+# Lightning 1.x `accelerator` values that named a distributed strategy (Lightning 2 has only ddp and ddp_spawn).
+LEGACY_ACCELERATORS = {"ddp": "ddp", "ddp_spawn": "ddp_spawn", "ddp2": "ddp", "dp": "ddp", "ddp_cpu": "ddp"}
 
 
 def str2bool(v: str | bool) -> bool:
@@ -258,9 +259,9 @@ def trainer_arguments(trainer_config: dict[str, Any], gpus: Any = None) -> dict[
         if old in kwargs:
             logger.warning("ignoring lightning.trainer.%s: Lightning 2 has no such argument", old)
             kwargs.pop(old)
+    multi_device_strategy = LEGACY_ACCELERATORS.get(kwargs.get("accelerator"), "ddp")
     if kwargs.get("accelerator") in LEGACY_ACCELERATORS:
-        kwargs.setdefault("strategy", "ddp" if kwargs["accelerator"] == "ddp_cpu" else kwargs["accelerator"])
-        kwargs["accelerator"] = "cpu" if kwargs["accelerator"] == "ddp_cpu" else "auto"
+        kwargs.pop("accelerator")  # as in the original: the strategy applies only when there are GPUs
     unknown = [k for k in kwargs if k not in valid]
     if unknown:
         hints = []
@@ -272,12 +273,10 @@ def trainer_arguments(trainer_config: dict[str, Any], gpus: Any = None) -> dict[
         kwargs["accelerator"] = "gpu"
         kwargs["devices"] = gpus
         if kwargs.get("strategy", "auto") == "auto" and device_count(gpus, available=2) > 1:
-            kwargs["strategy"] = "ddp"
+            kwargs["strategy"] = multi_device_strategy
     elif "accelerator" not in kwargs and "devices" not in kwargs:
         kwargs["accelerator"] = "cpu"
         kwargs["devices"] = 1
-    if kwargs.get("accelerator") == "auto":
-        kwargs.pop("accelerator")
     return kwargs
 
 

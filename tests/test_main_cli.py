@@ -73,6 +73,8 @@ def test_trainer_arguments_gpus_map_to_devices_and_ddp():
 def test_trainer_arguments_translate_lightning_1_spellings():
     kw = trainer_arguments({"accelerator": "ddp", "replace_sampler_ddp": False, "weights_summary": None}, gpus="0,1")
     assert kw == {"accelerator": "gpu", "devices": [0, 1], "strategy": "ddp", "use_distributed_sampler": False}
+    assert trainer_arguments({"accelerator": "ddp"}) == {"accelerator": "cpu", "devices": 1}  # no GPUs: no DDP
+    assert trainer_arguments({"accelerator": "ddp_spawn"}, gpus="2")["strategy"] == "ddp_spawn"
 
 
 def test_trainer_arguments_unknown_key_names_it_and_suggests():
