@@ -249,3 +249,27 @@ def test_posterior_of_an_oracle_output_is_the_true_posterior(p):
         + ((1 - m.alphas_cumprod_prev[t]) * (1 - m.betas[t]).sqrt() / (1 - m.alphas_cumprod[t])).view(-1, 1, 1, 1) * xt
     torch.testing.assert_close(q_mean, expected_mean, rtol=1e-3, atol=1e-3)  # float32 coefficients
     torch.testing.assert_close(var.flatten(), m.posterior_variance[t])
+
+
+def test_zero_terminal_snr_with_v_prediction():
+    m = make_ddpm(zero_terminal_snr=True, parameterization="v", timesteps=50)
+    assert m.alphas_cumprod[-1] == 0 and m.sqrt_one_minus_alphas_cumprod[-1] == 1
+    x0, noise = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    t = torch.tensor([49, 49])
+    torch.testing.assert_close(m.q_sample(x0, t, noise), noise)  # pure noise at the last step
+    torch.testing.assert_close(m.get_target(x0, noise, t), -x0)  # v = -x0 there: x0 stays recoverable
+    loss, _ = m.p_losses(x0, t, noise=noise)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="zero_terminal_snr"):
+        make_ddpm(zero_terminal_snr=True, parameterization="eps")
+
+
+def test_offset_noise_adds_a_per_channel_constant():
+    torch.manual_seed(0)
+    x = torch.zeros(4000, 3, 8, 8)
+    plain = make_ddpm().sample_noise(x)
+    offset = make_ddpm(noise_offset=0.5).sample_noise(x)
+    # variance of the per-(example, channel) spatial mean: 1/64 for white noise, + 0.25 with the offset
+    assert abs(plain.mean((2, 3)).var().item() - 1 / 64) < 0.003
+    assert abs(offset.mean((2, 3)).var().item() - (0.25 + 1 / 64)) < 0.02
+    assert abs(offset.var().item() - 1.25) < 0.03

@@ -120,6 +120,9 @@ class DDPM(pl.LightningModule):
             betas = make_beta_schedule(beta_schedule, timesteps, linear_start=linear_start,
                                        linear_end=linear_end, cosine_s=cosine_s)
         if zero_terminal_snr:
+            if self.parameterization == "eps":
+                raise ValueError("zero_terminal_snr with parameterization 'eps': at zero SNR x0 cannot be recovered "
+                                 "from eps (and the VLB weight is infinite); use parameterization 'v'")
             betas = rescale_zero_terminal_snr(betas)
         self.num_timesteps = int(betas.shape[0])
         self.linear_start = linear_start
