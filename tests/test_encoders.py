@@ -251,6 +251,12 @@ def test_frozen_clip_embedder_missing_model_error(monkeypatch):
         FrozenCLIPEmbedder()
 
 
+def test_frozen_hf_text_embedder_needs_tokenizer_files(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(FileNotFoundError, match="lacks tokenizer.json or vocab.txt"):
+        FrozenHFTextEmbedder(str(tmp_path))
+
+
 @pytest.fixture(scope="module")
 def minilm(bert_vocab_dir):
     return FrozenHFTextEmbedder(bert_vocab_dir, max_length=16)

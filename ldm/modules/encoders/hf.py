@@ -7,14 +7,15 @@ to put it.
 from __future__ import annotations
 
 import enum
-import logging
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-logger = logging.getLogger(__name__)
+# A tokenizer directory needs one of these (transformers 5 silently builds an empty tokenizer without them).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model")
 
 
 def resolve_local_model(path_or_id: str | Path, required: Sequence[Sequence[str]] = (), what: str = "model") -> Path:
@@ -40,7 +41,7 @@ def resolve_local_model(path_or_id: str | Path, required: Sequence[Sequence[str]
         except (LocalEntryNotFoundError, OSError, ValueError) as e:
             raise FileNotFoundError(
                 f"{what} '{path_or_id}' is not available locally (downloads are disabled). Put it in the Hugging "
-                f"Face cache ({constants.HF_HUB_CACHE}), e.g. run `huggingface-cli download {path_or_id}` on a "
+                f"Face cache ({constants.HF_HUB_CACHE}), e.g. run `hf download {path_or_id}` on a "
                 f"machine with internet and copy the cache, or pass the path of a local directory with its files "
                 f"instead of the id") from e
     for group in required:
@@ -194,7 +195,8 @@ class FrozenHFTextEmbedder(FrozenTextEncoder):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
-        directory = resolve_local_model(path_or_id, required=(("config.json",),), what="text encoder")
+        directory = resolve_local_model(path_or_id, required=(("config.json",), TOKENIZER_FILES),
+                                        what="text encoder")
         self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         self.transformer = AutoModel.from_pretrained(directory, local_files_only=True)
         self.max_length = max_length
