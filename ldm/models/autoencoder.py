@@ -121,7 +121,7 @@ class FirstStageModel(pl.LightningModule):
             logger.info("unexpected keys: %s", unexpected)
 
     def get_input(self, batch: Mapping[str, torch.Tensor], k: str) -> torch.Tensor:
-        """batch[k], an [N x H x W x C] (or [N x H x W]) image batch in [-1, 1] -> a contiguous float [N x C x H x W]."""
+        """batch[k], an [N x H x W x C] (or [N x H x W]) image batch in [-1, 1] -> contiguous float [N x C x H x W]."""
         if k not in batch:
             raise KeyError(f"{type(self).__name__}: the batch has no key '{k}' (image_key); keys: {list(batch)}")
         x = batch[k]
@@ -300,8 +300,8 @@ class VQModel(FirstStageModel):
     :param n_embed: codebook size; :param embed_dim: code dimension (latent channels).
     :param remap, sane_index_shape: see :class:`~ldm.modules.vqvae.quantize.VectorQuantizer2` (beta is 0.25).
     :param batch_resize_range: (low, high): resize each training batch to a random multiple of 16 in that range.
-    :param scheduler_config: a scheduler with a `schedule(step)` method (e.g. ``ldm.lr_scheduler.LambdaLinearScheduler``)
-        applied to both optimisers per step.
+    :param scheduler_config: a scheduler with a `schedule(step)` method (e.g.
+        ``ldm.lr_scheduler.LambdaLinearScheduler``) applied to both optimisers per batch.
     :param lr_g_factor: the autoencoder's learning rate is `lr_g_factor * learning_rate`.
     :param use_ema: keep an EMA of the weights (`model_ema`), used for validation (`val_ema/*`).
     """

@@ -136,7 +136,8 @@ class LPIPS(nn.Module):
         put the file when it is absent); ``random`` keeps a random backbone (tests only).
     """
 
-    def __init__(self, use_dropout: bool = True, weights: str | PerceptualWeights = PerceptualWeights.PRETRAINED) -> None:
+    def __init__(self, use_dropout: bool = True,
+                 weights: str | PerceptualWeights = PerceptualWeights.PRETRAINED) -> None:
         super().__init__()
         weights = PerceptualWeights.parse(weights)
         self.scaling_layer = ScalingLayer()

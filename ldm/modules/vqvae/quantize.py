@@ -97,8 +97,8 @@ class VectorQuantizer2(nn.Module):
         :param z: an [N x e_dim x H x W] Tensor.
         :return: (z_q [N x e_dim x H x W] with straight-through gradient, the scalar VQ loss,
             (None, None, indices)) with indices [N*H*W] ([N*H*W x 1] in the `remap` numbering if `remap`),
-            or [N x H x W] if `sane_index_shape`. `temp`, `rescale_logits`, `return_logits` exist for interface compatibility with
-            the Gumbel quantiser and must stay at their defaults.
+            or [N x H x W] if `sane_index_shape`. `temp`, `rescale_logits`, `return_logits` exist for interface
+            compatibility with the Gumbel quantiser and must stay at their defaults.
         """
         if not (temp is None or temp == 1.0) or rescale_logits or return_logits:
             raise ValueError("temp, rescale_logits and return_logits only exist for interface compatibility "
