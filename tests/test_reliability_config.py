@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from ldm.callbacks.reliability import (AtomicCheckpointIO, NonFiniteGuard, PreemptionCheckpoint, ResumableSampler,
                                        reliability_callbacks, reliability_plugins, validate_config)
-from ldm.checkpoint import load_state_dict
+from ldm.checkpoint import UnsafeCheckpointError, load_state_dict
 from ldm.util import ConfigError
 
 REFERENCE_CONFIGS = sorted(glob.glob("/work/shared/reference-configs/**/*.yaml", recursive=True))
@@ -108,3 +108,20 @@ def test_resumable_sampler_order_depends_on_seed_and_epoch_and_skips():
     assert second != first and sorted(second) == list(range(20))
     a.skip(7)
     assert list(a) == second[7:] and list(a) == second  # the skip applies to one iteration only
+
+
+class _Payload:
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return exec, (f"open({self.target!r}, 'w').close()",)
+
+
+def test_resume_loading_through_the_trainer_io_is_safe(tmp_path):
+    """``main.py -r`` loads through AtomicCheckpointIO: a checkpoint whose pickle runs code is refused."""
+    target = tmp_path / "created"
+    torch.save({"state_dict": {}, "x": _Payload(str(target))}, tmp_path / "evil.ckpt")
+    with pytest.raises(UnsafeCheckpointError, match="builtins.exec"):
+        AtomicCheckpointIO().load_checkpoint(tmp_path / "evil.ckpt")
+    assert not target.exists()
