@@ -44,25 +44,32 @@ def test_ssim_rejects_too_small_images():
         ssim(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8))
 
 
-def test_lpips_missing_backbone_names_the_file_and_random_backbone_is_a_metric(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def random_lpips():
+    torch.manual_seed(0)
+    return load_lpips(random_backbone=True)
+
+
+def test_lpips_missing_backbone_names_the_file_and_random_backbone_is_a_metric(tmp_path, monkeypatch, random_lpips):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(FileNotFoundError, match="vgg16"):
         load_lpips()
-    torch.manual_seed(0)
-    model = load_lpips(random_backbone=True)
+    model = random_lpips
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     y = torch.rand(2, 3, 32, 32) * 2 - 1
     assert model(x, x).abs().max().item() < 1e-6
     assert (model(x, y).flatten() > 0).all()
 
 
-def test_vgg_backbone_weights_land_in_the_lpips_slices():
+def test_vgg_backbone_weights_land_in_the_lpips_slices(random_lpips):
+    import copy
+
     import torchvision
 
     torch.manual_seed(1)
     features = torchvision.models.vgg16(weights=None).features
     sd = {f"features.{k}": v for k, v in features.state_dict().items()}
-    model = load_lpips(random_backbone=True)
+    model = copy.deepcopy(random_lpips)
     load_vgg_backbone(model, sd)
     convs = [m for m in model.net.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == 13
