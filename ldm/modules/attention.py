@@ -43,7 +43,7 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Transformer MLP: ``net = [project_in (Linear+GELU or GEGLU), Dropout, Linear]``; [... x dim] -> [... x dim_out]."""
+    """Transformer MLP ``net = [Linear+GELU or GEGLU, Dropout, Linear]``: [... x dim] -> [... x dim_out]."""
 
     def __init__(self, dim: int, dim_out: int | None = None, mult: float = 4, glu: bool = False,
                  dropout: float = 0.0):

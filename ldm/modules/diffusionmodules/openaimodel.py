@@ -26,8 +26,8 @@ from ldm.modules.diffusionmodules.unet_blocks import (
 )
 from ldm.modules.diffusionmodules.util import conv_nd, linear, normalization, timestep_embedding, zero_module
 
-__all__ = ["UNetModel", "EncoderUNetModel", "AttentionBlock", "AttentionPool2d", "Downsample", "QKVAttention", "QKVAttentionLegacy", "ResBlock",
-           "TimestepBlock", "TimestepEmbedSequential", "Upsample"]
+__all__ = ["UNetModel", "EncoderUNetModel", "AttentionBlock", "AttentionPool2d", "Downsample", "QKVAttention",
+           "QKVAttentionLegacy", "ResBlock", "TimestepBlock", "TimestepEmbedSequential", "Upsample"]
 
 
 @dataclasses.dataclass(frozen=True)

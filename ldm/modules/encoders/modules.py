@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.encoders.hf import CLIPLayer, FrozenCLIPEmbedder, FrozenHFTextEmbedder, FrozenTextEncoder, resolve_local_model
+from ldm.modules.encoders.hf import (
+    CLIPLayer,
+    FrozenCLIPEmbedder,
+    FrozenHFTextEmbedder,
+    FrozenTextEncoder,
+    resolve_local_model,
+)
 from ldm.modules.x_transformer import Encoder, TransformerWrapper
 
 __all__ = ["AbstractEncoder", "ClassEmbedder", "TransformerEmbedder", "BERTTokenizer", "BERTEmbedder",
