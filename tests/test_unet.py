@@ -54,6 +54,16 @@ def assert_matches_manifest(model: torch.nn.Module, manifest_file: str) -> None:
     model.load_state_dict(fake, strict=True, assign=True)
 
 
+def test_manifests_cover_every_reference_ldm_config():
+    if not REFERENCE_CONFIGS.is_dir():
+        pytest.skip(f"reference configs not found under {REFERENCE_CONFIGS}")
+    files = list(REFERENCE_CONFIGS.glob("latent-diffusion/models/ldm/*/config.yaml"))
+    files += list(REFERENCE_CONFIGS.glob("latent-diffusion/configs/*/*.yaml"))
+    files += list(REFERENCE_CONFIGS.glob("stable-diffusion/configs/stable-diffusion/*.yaml"))
+    with_unet = {str(f.relative_to(REFERENCE_CONFIGS)) for f in files if "unet_config" in f.read_text()}
+    assert with_unet and with_unet <= set(INDEX)
+
+
 @pytest.mark.parametrize("rel", sorted(r for r, e in INDEX.items() if "unet" in e))
 def test_reference_unet_state_dict_matches_original(rel):
     cfg = reference_config(rel)["unet_config"]
