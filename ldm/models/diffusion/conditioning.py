@@ -120,13 +120,6 @@ def is_text(xc: Any) -> bool:
     return isinstance(xc, (list, tuple)) and all(isinstance(s, str) for s in xc)
 
 
-def batch_size_of(xc: Any, label_key: str | None = None) -> int:
-    """Number of examples in a raw conditioning input (captions, a batch dict, or a tensor)."""
-    if isinstance(xc, Mapping):
-        return len(xc[label_key])
-    return len(xc)
-
-
 def null_input(xc: Any, null_label: int | None = None, label_key: str | None = None) -> Any:
     """The null raw conditioning shaped like `xc` (see the module docstring for the rule)."""
     if is_text(xc):

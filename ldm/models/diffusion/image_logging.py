@@ -118,8 +118,7 @@ def text_images(texts: Sequence[str], size: tuple[int, int], chars_per_line: int
     return torch.stack(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def conditioning_image(model: Any, batch: Mapping[str, Any], c: Any, xc: Any,
-                       size: tuple[int, int]) -> dict[str, torch.Tensor]:
+def conditioning_image(model: Any, c: Any, xc: Any, size: tuple[int, int]) -> dict[str, torch.Tensor]:
     """The conditioning as images: captions or class names as text, decodable latents, images, or maps."""
     out: dict[str, torch.Tensor] = {}
     n = c.shape[0] if isinstance(c, torch.Tensor) else None
@@ -148,7 +147,7 @@ def log_images_ldm(model: Any, batch: Mapping[str, Any], N: int, n_row: int, sam
     N, n_row = min(x.shape[0], N), min(x.shape[0], n_row)
     log: dict[str, torch.Tensor] = {"inputs": x, "reconstruction": xrec}
     if model.model.conditioning_key is not None:
-        log.update(conditioning_image(model, batch, c, xc, (x.shape[2], x.shape[3])))
+        log.update(conditioning_image(model, c, xc, (x.shape[2], x.shape[3])))
     if plot_diffusion_rows:
         log["diffusion_row"] = rows_grid([model.decode_first_stage(zt) for zt in diffusion_row(model, z[:n_row])])
     if sample:
