@@ -22,8 +22,8 @@ from ldm.models.diffusion.denoiser import DiscreteDenoiser, SigmaDenoiser
 from ldm.models.diffusion.guidance import CFGGuider, Conditioning
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.sampling import (
-    get_sigmas_karras, initial_noise_scale, sample_ddpm, sample_dpmpp_2m, sample_euler, sample_euler_ancestral,
-    sample_heun,
+    get_sigmas_from_model, get_sigmas_karras, initial_noise_scale, sample_ddpm, sample_dpmpp_2m, sample_euler,
+    sample_euler_ancestral, sample_heun,
 )
 from ldm.models.diffusion.timesteps import full_schedule
 from ldm.util import ConfigError, config_source, instantiate_from_config
@@ -43,6 +43,11 @@ class SamplerKind(str, enum.Enum):
 
 SIGMA_SAMPLERS = {SamplerKind.DPMPP_2M: sample_dpmpp_2m, SamplerKind.EULER: sample_euler,
                   SamplerKind.EULER_ANCESTRAL: sample_euler_ancestral, SamplerKind.HEUN: sample_heun}
+
+
+class SigmaSchedule(str, enum.Enum):
+    KARRAS = "karras"      # Karras et al. 2022, eq. 5, between the model's sigma_min and sigma_max
+    DISCRETE = "discrete"  # the model's own noise levels, evenly spaced in t
 
 
 class Precision(str, enum.Enum):
@@ -112,7 +117,10 @@ def load_model(config: str | Path, ckpt: str | Path | None, device: torch.device
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    return next(iter(model.buffers()), next(model.parameters())).device
+    """The device of a model's schedule buffers (or of its parameters)."""
+    for tensor in (*model.buffers(), *model.parameters()):
+        return tensor.device
+    raise ValueError(f"{type(model).__name__} has no buffers or parameters to take a device from")
 
 
 @torch.no_grad()
@@ -127,11 +135,13 @@ def downsampling_factor(model: Any) -> int:
 def sample_latents(model: Any, sampler: str | SamplerKind, shape: Sequence[int], cond: Conditioning = None,
                    uncond: Conditioning = None, scale: float = 1.0, steps: int = 50, eta: float = 0.0,
                    x_T: torch.Tensor | None = None, mask: torch.Tensor | None = None, x0: torch.Tensor | None = None,
-                   verbose: bool = False) -> torch.Tensor:
+                   verbose: bool = False,
+                   sigma_schedule: str | SigmaSchedule = SigmaSchedule.KARRAS) -> torch.Tensor:
     """Samples latents of `shape` ([N x C x h x w]) with a named sampler and guidance ``uc + scale (c - uc)``.
 
-    The sigma-space samplers use Karras et al.'s noise levels between the model's sigma_min and sigma_max;
-    ``ddpm`` runs all of the model's steps (ignoring `steps`). `x_T` is standard normal noise.
+    The sigma-space samplers use `sigma_schedule` (default: Karras et al.'s noise levels between the model's
+    sigma_min and sigma_max); ``ddpm`` runs all of the model's steps (ignoring `steps`). `x_T` is standard
+    normal noise.
     """
     sampler = SamplerKind(sampler)
     device = model_device(model)
@@ -150,7 +160,10 @@ def sample_latents(model: Any, sampler: str | SamplerKind, shape: Sequence[int],
     if mask is not None:
         raise ValueError(f"the {sampler.value} sampler does not support masks; use ddim, plms or ddpm")
     denoiser = SigmaDenoiser(model, guider)
-    sigmas = get_sigmas_karras(steps, float(denoiser.sigma_min), float(denoiser.sigma_max), device=device)
+    if SigmaSchedule(sigma_schedule) is SigmaSchedule.KARRAS:
+        sigmas = get_sigmas_karras(steps, float(denoiser.sigma_min), float(denoiser.sigma_max), device=device)
+    else:
+        sigmas = get_sigmas_from_model(denoiser, steps).to(device)
     x = x_T * initial_noise_scale(sigmas[0])
     return SIGMA_SAMPLERS[sampler](denoiser, x, sigmas, extra_args={"cond": cond}, disable=not verbose)
 
@@ -242,6 +255,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, outdir: str, config:
                         help="number of sampling steps")
     parser.add_argument("--ddim_eta", "--eta", dest="ddim_eta", type=float, default=0.0,
                         help="DDIM eta (0: deterministic, 1: DDPM-like)")
+    parser.add_argument("--sigma_schedule", default=SigmaSchedule.KARRAS.value,
+                        choices=[k.value for k in SigmaSchedule], help="noise levels of the sigma-space samplers")
     parser.add_argument("--scale", type=float, default=scale,
                         help="classifier-free guidance scale: uc + scale * (c - uc); 1 disables guidance")
     parser.add_argument("--n_samples", type=int, default=n_samples, help="batch size")

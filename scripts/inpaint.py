@@ -66,7 +66,7 @@ def inpaint(model, image: torch.Tensor, mask: torch.Tensor, opt: argparse.Namesp
     c = model.get_learned_conditioning(masked)
     c = torch.cat([c, torch.nn.functional.interpolate(2 * mask - 1, size=c.shape[-2:])], dim=1)
     z = sample_latents(model, opt.sampler, (1, c.shape[1] - 1, *c.shape[-2:]), c, None, 1.0, opt.ddim_steps,
-                       opt.ddim_eta)
+                       opt.ddim_eta, sigma_schedule=opt.sigma_schedule)
     predicted = model.decode_first_stage(z).clamp(-1, 1)
     return (1 - mask) * image + mask * predicted
 

@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
             if labels is not None:
                 c, uc = class_conditioning(model, labels[start:start + n], opt.scale)
             shape = (n, model.channels, model.image_size, model.image_size)
-            z = sample_latents(model, opt.sampler, shape, c, uc, opt.scale, opt.ddim_steps, opt.ddim_eta)
+            z = sample_latents(model, opt.sampler, shape, c, uc, opt.scale, opt.ddim_steps, opt.ddim_eta,
+                               sigma_schedule=opt.sigma_schedule)
             batch = to_uint8(model.decode_first_stage(z))
             save_samples(batch, opt.outdir)
             images.append(batch)

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         c = model.get_learned_conditioning(lr.to(device).repeat(opt.n_samples, 1, 1, 1))
         for _ in range(opt.n_iter):
             z = sample_latents(model, opt.sampler, (opt.n_samples, model.channels, h, w), c, None, 1.0,
-                               opt.ddim_steps, opt.ddim_eta)
+                               opt.ddim_steps, opt.ddim_eta, sigma_schedule=opt.sigma_schedule)
             batch = to_uint8(model.decode_first_stage(z))
             save_samples(batch, opt.outdir)
             images.append(batch)

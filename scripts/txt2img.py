@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
         for prompt in prompts:
             for _ in range(opt.n_iter):
                 c, uc = text_conditioning(model, [prompt] * opt.n_samples, opt.negative_prompt, opt.scale)
-                z = sample_latents(model, opt.sampler, shape, c, uc, opt.scale, opt.ddim_steps, opt.ddim_eta)
+                z = sample_latents(model, opt.sampler, shape, c, uc, opt.scale, opt.ddim_steps, opt.ddim_eta,
+                                   sigma_schedule=opt.sigma_schedule)
                 batch = to_uint8(model.decode_first_stage(z))
                 save_samples(batch, opt.outdir)
                 images.append(batch)

@@ -141,3 +141,18 @@ def test_solvers_keep_dtype_and_report_progress():
             assert out.dtype == dtype and out.shape == (2, 1, 4, 4), name
             assert seen == list(range(5)), name
             assert torch.isfinite(out).all(), name
+
+
+def test_sample_latents_dispatches_to_the_named_sampler():
+    from ldm.inference import sample_latents
+
+    model = GaussianModel("x0")
+    x_T = torch.randn(4, 1, 2, 2)
+    den = SigmaDenoiser(model)
+    for schedule, sigmas in (("karras", get_sigmas_karras(6, float(den.sigma_min), float(den.sigma_max))),
+                             ("discrete", get_sigmas_from_model(den, 6))):
+        got = sample_latents(model, "heun", x_T.shape, steps=6, x_T=x_T, sigma_schedule=schedule)
+        expected = sample_heun(den, x_T * (1 + sigmas[0] ** 2).sqrt(), sigmas, disable=True)
+        torch.testing.assert_close(got, expected)
+    ddim = sample_latents(model, "ddim", x_T.shape, steps=6, x_T=x_T)
+    torch.testing.assert_close(ddim, DDIMSampler(model).sample(6, 4, (1, 2, 2), x_T=x_T, verbose=False)[0])

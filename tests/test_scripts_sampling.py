@@ -128,7 +128,7 @@ def test_sample_diffusion_unconditional_and_bad_classes(models, tmp_path):
     out = tmp_path / "uncond"
     sample_diffusion = load_script("sample_diffusion")  # in process: the subprocess path is tested above
     sample_diffusion.main([*map(str, model_args(models, "uncond")), "--outdir", str(out), "--n_samples", "3",
-                           "--ddim_steps", "3", "--npz", "--sampler", "euler"])
+                           "--ddim_steps", "3", "--npz", "--sampler", "euler", "--sigma_schedule", "discrete"])
     data = np.load(out / "samples.npz")
     assert data["arr_0"].shape == (3, 32, 32, 3) and "arr_1" not in data
     with pytest.raises(ValueError, match="null class 10"):
