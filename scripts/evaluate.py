@@ -30,7 +30,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from ldm.evaluation.evaluate import (Metric, evaluate_first_stage, evaluate_samples, image_batches,  # noqa: E402
                                      load_eval_dataset, load_first_stage)
 from ldm.evaluation.features import reference_stats  # noqa: E402
-from ldm.evaluation.inception import ExtractorKind, load_extractor  # noqa: E402
+from ldm.evaluation.inception import ExtractorKind, default_device, load_extractor  # noqa: E402
 
 LABELS = {"fid": "FID", "kid_mean": "KID (mean)", "kid_std": "KID (std)", "is_mean": "Inception Score (mean)",
           "is_std": "Inception Score (std)", "precision": "Precision", "recall": "Recall", "psnr": "PSNR (dB)",
@@ -114,10 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     if recon:
         model = load_first_stage(OmegaConf.to_container(OmegaConf.load(args.first_stage_config), resolve=True),
                                  args.first_stage_ckpt)
-        if extractor is not None:
-            model = model.to(extractor.device)
-        elif args.device:
-            model = model.to(args.device)
+        model = model.to(extractor.device if extractor is not None else args.device or default_device())
         dataset = load_eval_dataset(OmegaConf.to_container(OmegaConf.load(args.data_config), resolve=True),
                                     args.split)
         results = evaluate_first_stage(model, image_batches(dataset, args.batch_size), extractor,

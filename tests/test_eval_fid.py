@@ -1,6 +1,8 @@
 """FID: the closed form for Gaussians, the fast feature path, image loading, and the bundled Inception network."""
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -113,6 +115,7 @@ def test_compute_fid_with_injected_extractor_and_stats_cache(tmp_path):
     assert abs(compute_fid(ref, ref, extractor=ex)) < 1e-9
     fid = compute_fid(dark, ref, extractor=ex, cache_dir=tmp_path)
     assert fid > 0.05 and fid.extractor == ex.name and ex.name in fid.describe()
+    assert pickle.loads(pickle.dumps(fid)).extractor == ex.name  # loggers may copy or pickle it
     # The reference statistics were cached, and the cached file gives the same number.
     cached = list(tmp_path.glob("ref-stats-*.npz"))
     assert len(cached) == 1

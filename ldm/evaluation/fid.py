@@ -29,6 +29,9 @@ class Score(float):
         obj.extractor = extractor
         return obj
 
+    def __reduce__(self) -> tuple:
+        return (Score, (float(self), self.metric, self.extractor))
+
     def describe(self) -> str:
         """E.g. ``FID 12.3456 [fid-inception-2015 (standard)]``."""
         return f"{self.metric} {float(self):.4f} [{self.extractor}]"
