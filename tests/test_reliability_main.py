@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from ldm.checkpoint import load_checkpoint
 from ldm.train import main
@@ -67,3 +68,29 @@ def test_bad_config_fails_before_training(tmp_path, override, key):
     with pytest.raises(ConfigError, match=key):
         main(["--base", str(TOY), "-t", "-l", str(tmp_path / "logs"), override, *QUIET])
     assert not list((tmp_path / "logs").glob("*/checkpoints/*.ckpt"))
+
+
+def _last(logs: Path) -> dict:
+    (logdir,) = [d for d in logs.iterdir() if d.is_dir()]
+    return load_checkpoint(logdir / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.slow
+def test_main_preempted_mid_epoch_and_resumed_equals_uninterrupted(tmp_path):
+    """12 steps (4 per epoch) straight, against SIGUSR1 during step 5 (mid-epoch) then ``-r`` for the rest."""
+    common = ["--base", str(TOY), "-t", "lightning.trainer.max_steps=12", *QUIET]
+    main([*common, "-l", str(tmp_path / "full")])
+    main([*common, "-l", str(tmp_path / "part"), "model.params.signal_at_step=5"])
+    stopped = _last(tmp_path / "part")
+    assert stopped["global_step"] == 6
+    epoch = stopped["loops"]["fit_loop"]["epoch_progress"]["current"]
+    assert epoch["processed"] == epoch["completed"]  # saved mid-epoch, not overwritten by an epoch-end save
+    (logdir,) = [d for d in (tmp_path / "part").iterdir() if d.is_dir()]
+    main(["-r", str(logdir), "-t", "model.params.signal_at_step=null", *QUIET])
+    full, resumed = _last(tmp_path / "full"), _last(tmp_path / "part")
+    assert full["global_step"] == resumed["global_step"] == 12
+    for key, value in full["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+    for a, b in zip(full["optimizer_states"], resumed["optimizer_states"]):
+        for pa, pb in zip(a["state"].values(), b["state"].values()):
+            assert all(torch.equal(pa[k], pb[k]) for k in pa)

@@ -105,6 +105,7 @@ class PreemptionCheckpoint(pl.Callback):
         self.signals = [_signal_number(s) for s in signals]
         self.requested: int | None = None
         self.stopped = False
+        self._snapshot: dict[str, Any] | None = None
         self._previous: dict[int, Any] = {}
         self._wrapped: pl.LightningModule | None = None
 
@@ -137,10 +138,20 @@ class PreemptionCheckpoint(pl.Callback):
         name = signal.Signals(self.requested).name if self.requested else "a signal on another rank"
         logger.warning("received %s: saving %s at global step %d and stopping", name, self.ckpt_path,
                        trainer.global_step)
-        trainer.save_checkpoint(self.ckpt_path)
+        # kept to write again at the end of training: stopping runs the epoch-end hooks, and a checkpoint callback
+        # that saves the same file there would record the interrupted epoch as finished
+        self._snapshot = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        trainer.strategy.save_checkpoint(self._snapshot, self.ckpt_path)
+        trainer.strategy.barrier("PreemptionCheckpoint")
         trainer.should_stop = True
         self.requested = None
         self.stopped = True
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._snapshot is not None:
+            trainer.strategy.save_checkpoint(self._snapshot, self.ckpt_path)
+            trainer.strategy.barrier("PreemptionCheckpoint")
+            self._snapshot = None
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for signum, handler in self._previous.items():
@@ -323,8 +334,9 @@ class ResumeDataOrder(pl.Callback):
         # as restored from the checkpoint: batches of the interrupted epoch whose step was taken ("completed"
         # lags by one when the checkpoint was written at a batch end)
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        if done <= 0 or done >= trainer.num_training_batches:
-            return
+        epoch = trainer.fit_loop.epoch_progress.current
+        if done <= 0 or done >= trainer.num_training_batches or epoch.processed > epoch.completed:
+            return  # nothing consumed, or the checkpoint was written at an epoch end: the next epoch starts afresh
         loader = trainer.train_dataloader
         sampler = _find_sampler(loader)
         if sampler is None:
