@@ -256,6 +256,16 @@ def test_lpips_missing_backbone_names_the_file(tmp_path, monkeypatch):
     assert str(tmp_path / "hub" / "checkpoints" / VGG16_FILENAME) in msg and "perceptual_weights: random" in msg
 
 
+def test_no_perceptual_term_needs_no_vgg_and_stores_none(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no VGG16 file here: building LPIPS would fail
+    loss = LPIPSWithDiscriminator(disc_start=0, perceptual_weight=0.0)
+    assert loss.perceptual_loss is None
+    assert not any(k.startswith("perceptual_loss.") for k in loss.state_dict())
+    x, y = torch.zeros(2, 3, 16, 16), torch.ones(2, 3, 16, 16)
+    rec, p = loss.reconstruction_terms(x, y)
+    assert torch.equal(rec, torch.ones_like(x)) and p.item() == 0.0
+
+
 def test_lpips_loads_torchvision_vgg_and_package_heads(tmp_path, monkeypatch):
     from torchvision.models.vgg import cfgs, make_layers
 

@@ -55,7 +55,7 @@ def adopt_weight(weight: float, global_step: int, threshold: int = 0, value: flo
 
 class AdversarialPerceptualLoss(nn.Module):
     """Base of `LPIPSWithDiscriminator` and `VQLPIPSWithDiscriminator` (submodules `perceptual_loss`,
-    `discriminator`, as in the original)."""
+    `discriminator`, as in the original; `perceptual_loss` is None when `perceptual_weight` is 0)."""
 
     def __init__(self, disc_start: int, pixelloss_weight: float, disc_num_layers: int, disc_in_channels: int,
                  disc_factor: float, disc_weight: float, perceptual_weight: float, use_actnorm: bool,
@@ -63,7 +63,8 @@ class AdversarialPerceptualLoss(nn.Module):
                  perceptual_weights: str | PerceptualWeights) -> None:
         super().__init__()
         self.pixel_weight = pixelloss_weight
-        self.perceptual_loss = LPIPS(weights=perceptual_weights)
+        # without a perceptual term there is no LPIPS network (and no VGG16 to load or to store in checkpoints)
+        self.perceptual_loss = LPIPS(weights=perceptual_weights) if perceptual_weight > 0 else None
         self.perceptual_weight = perceptual_weight
         self.discriminator = NLayerDiscriminator(input_nc=disc_in_channels, n_layers=disc_num_layers,
                                                  use_actnorm=use_actnorm, ndf=disc_ndf).apply(weights_init)
