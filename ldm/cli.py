@@ -250,7 +250,11 @@ def trainer_arguments(trainer_config: dict[str, Any], gpus: Any = None) -> dict[
 
     valid = [n for n in inspect.signature(Trainer.__init__).parameters if n != "self"]
     kwargs = dict(trainer_config)
-    gpus = parse_gpus(gpus if gpus is not None else kwargs.pop("gpus", None))
+    spec = gpus if gpus is not None else kwargs.get("gpus", None)
+    gpus = parse_gpus(spec)
+    if gpus is None and spec is not None and str(spec).strip() == "0":
+        logger.warning("--gpus 0 asks for zero GPUs (as in Lightning 1.x): training on the CPU; "
+                       "write --gpus 0, for GPU 0")
     kwargs.pop("gpus", None)
     for old, new in RENAMED_TRAINER_ARGS.items():
         if old in kwargs:

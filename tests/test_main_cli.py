@@ -218,3 +218,9 @@ def test_a_default_callback_can_be_switched_off_with_null(tmp_path):
     run = resolve_run(_opt(logdir=str(tmp_path)), "NOW")
     cfg = callbacks_config(OmegaConf.create({"callbacks": {"image_logger": None}}), run, object())
     assert cfg.image_logger is None and cfg.learning_rate_logger is not None
+
+
+def test_gpus_zero_means_cpu_and_says_how_to_pick_gpu_zero(caplog):
+    with caplog.at_level("WARNING", logger="ldm.cli"):
+        assert trainer_arguments({}, gpus="0") == {"accelerator": "cpu", "devices": 1}
+    assert "--gpus 0," in caplog.text
