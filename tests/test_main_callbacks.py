@@ -1,6 +1,8 @@
 """The callbacks and data module of main.py, in small in-process Lightning runs."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -50,6 +52,26 @@ def test_image_logger_writes_each_step_once_with_max_images(tmp_path):
                                                  "reconstructions_gs-000002", "reconstructions_gs-000004"]
     grid = np.asarray(Image.open(tmp_path / "images" / "train" / files[0]))
     assert grid.shape == (2 + 10, 2 + 2 * 10, 3)  # max_images = 2 of the batch of 4
+
+
+class _ImageTakingLogger:
+    """Stands in for W&B (log_image) or TensorBoard (experiment.add_image)."""
+
+    def __init__(self, kind: str) -> None:
+        self.calls = []
+        if kind == "wandb":
+            self.log_image = lambda key, images, step: self.calls.append((key, images[0].shape, step))
+        else:
+            self.experiment = SimpleNamespace(add_image=lambda tag, img, global_step, dataformats: self.calls.append(
+                (tag, img.shape, global_step)))
+
+
+def test_image_grids_go_to_loggers_that_take_images():
+    loggers = [_ImageTakingLogger("wandb"), _ImageTakingLogger("tensorboard"), SimpleNamespace()]
+    ImageLogger(batch_frequency=1, max_images=4)._log_to_loggers(
+        SimpleNamespace(loggers=loggers, global_step=7), "val", {"samples": torch.zeros(2, 3, 4, 4)})
+    expected = [("val/samples", (2 + 6, 2 + 2 * 6, 3), 7)]
+    assert loggers[0].calls == expected and loggers[1].calls == expected
 
 
 def test_exception_checkpoints_the_last_completed_step(tmp_path):
