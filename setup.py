@@ -10,6 +10,7 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["ldm*"]),
+    package_data={"ldm.data": ["resources/*"]},
     py_modules=["main"],
     install_requires=[
         "torch>=2.1",
