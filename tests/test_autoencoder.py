@@ -16,8 +16,9 @@ from ldm.modules.diffusionmodules.model import AttnBlock, Downsample, Encoder, L
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.losses.lpips import vgg16_weights_path
 from ldm.util import ConfigError, instantiate_from_config
+from tests.helpers.paths import REFERENCE_CONFIGS
 
-REFERENCE = Path("/work/shared/reference-configs")
+REFERENCE = REFERENCE_CONFIGS
 ZOO = sorted((REFERENCE / "latent-diffusion/models/first_stage_models").glob("*/config.yaml"))
 AE_CONFIGS = sorted((REFERENCE / "latent-diffusion/configs/autoencoder").glob("*.yaml"))
 LDM_CONFIGS = sorted(p for p in REFERENCE.rglob("*.yaml")

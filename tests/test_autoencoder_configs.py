@@ -9,9 +9,10 @@ from omegaconf import OmegaConf
 
 from ldm.checkpoint import load_checkpoint
 from ldm.util import get_obj_from_str
+from tests.helpers.paths import REFERENCE_CONFIGS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "autoencoder"
-ZOO = Path("/work/shared/reference-configs/latent-diffusion/models/first_stage_models")
+ZOO = REFERENCE_CONFIGS / "latent-diffusion" / "models" / "first_stage_models"
 NAMES = ["kl-f4", "kl-f8", "kl-f16", "kl-f32", "vq-f4", "vq-f4-noattn", "vq-f8", "vq-f8-n256", "vq-f16"]
 
 

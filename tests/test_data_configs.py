@@ -1,13 +1,13 @@
 """Every `data:` dataset of the reference configs resolves and accepts its params (or is named unpublished)."""
 import inspect
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from ldm.util import ConfigError, get_obj_from_str
+from tests.helpers.paths import REFERENCE_CONFIGS
 
-REF = Path("/work/shared/reference-configs")
+REF = REFERENCE_CONFIGS
 
 
 def _dataset_sections():

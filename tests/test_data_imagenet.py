@@ -10,8 +10,9 @@ from ldm.data.imagenet import (ImageNetSRTrain, ImageNetSRValidation, ImageNetTr
                                index_to_human, index_to_synset, str_to_indices)
 from ldm.util import ConfigError, instantiate_from_config
 from test_data_base import natural, write_image
+from tests.helpers.paths import REFERENCE_CONFIGS
 
-REF = Path("/work/shared/reference-configs/latent-diffusion")
+REF = REFERENCE_CONFIGS / "latent-diffusion"
 SYN = index_to_synset()
 CLASSES = (SYN[0], SYN[10], SYN[500])  # tench, brambling, cliff dwelling
 

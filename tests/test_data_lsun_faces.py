@@ -11,8 +11,9 @@ from ldm.data.faceshq import CelebAHQTrain, FacesHQTrain, FacesHQValidation, FFH
 from ldm.data.lsun import LSUNBedroomsTrain, LSUNBedroomsValidation, LSUNChurchesTrain, LSUNChurchesValidation
 from ldm.util import instantiate_from_config
 from test_data_base import natural, write_image
+from tests.helpers.paths import REFERENCE_CONFIGS
 
-REF = Path("/work/shared/reference-configs/latent-diffusion")
+REF = REFERENCE_CONFIGS / "latent-diffusion"
 
 
 def photos(folder: Path, n: int, ext=".jpg", shape=(48, 64)) -> list[str]:

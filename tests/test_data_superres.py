@@ -1,5 +1,4 @@
 """Super-resolution pairs from a folder: the bsr_sr config's parameters, exact bicubic pairs, skips."""
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,8 +8,9 @@ from ldm.data.superres import SuperresFolderDataset
 from ldm.modules.image_degradation import bicubic_degradation
 from ldm.util import instantiate_from_config
 from test_data_base import natural, write_image
+from tests.helpers.paths import REFERENCE_CONFIGS
 
-REF = Path("/work/shared/reference-configs/latent-diffusion")
+REF = REFERENCE_CONFIGS / "latent-diffusion"
 
 
 def test_bicubic_pairs_are_exact_and_small_images_are_skipped(tmp_path):

@@ -13,9 +13,10 @@ from ldm.models.autoencoder import allow_missing_checkpoints
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.models.diffusion.schedule import BUFFER_NAMES
 from ldm.util import accepted_arguments, instantiate_from_config
+from tests.helpers.paths import REFERENCE_CONFIGS
 
 HERE = Path(__file__).parent
-REFERENCE = HERE.parent.parent / "shared" / "reference-configs"
+REFERENCE = REFERENCE_CONFIGS
 MANIFESTS = HERE / "data" / "reference_state_dicts"
 CLIP_STANDIN = {"target": "test_ddpm_support.clip_vit_l14_text_encoder"}
 

@@ -11,8 +11,9 @@ from ldm.callbacks.reliability import (AtomicCheckpointIO, NonFiniteGuard, Preem
                                        reliability_callbacks, reliability_plugins, validate_config)
 from ldm.checkpoint import UnsafeCheckpointError, load_state_dict
 from ldm.util import ConfigError
+from tests.helpers.paths import REFERENCE_CONFIGS
 
-REFERENCE_CONFIGS = sorted(glob.glob("/work/shared/reference-configs/**/*.yaml", recursive=True))
+REFERENCE_CONFIGS = sorted(glob.glob(str(REFERENCE_CONFIGS / "**" / "*.yaml"), recursive=True))
 
 
 def _ldm_config(**overrides):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -19,10 +18,9 @@ from ldm.modules.diffusionmodules.openaimodel import (
 )
 from ldm.modules.diffusionmodules.util import GroupNorm32, checkpoint, timestep_embedding
 from ldm.util import instantiate_from_config
+from tests.helpers.paths import REFERENCE_CONFIGS
 
 MANIFESTS = Path(__file__).parent / "data" / "reference_state_dicts"
-REFERENCE_CONFIGS = Path(os.environ.get("LDM_REFERENCE_CONFIGS",
-                                        Path(__file__).resolve().parents[2] / "shared" / "reference-configs"))
 INDEX = json.loads((MANIFESTS / "index.json").read_text())
 
 
