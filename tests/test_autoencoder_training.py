@@ -104,19 +104,19 @@ def test_kl_training_reconstruction_falls_and_discriminator_switches_on():
 
 
 def test_vq_training_reconstruction_falls_with_ema_and_validation():
-    torch.manual_seed(0)
+    torch.manual_seed(2)
     model = VQModel(ddconfig=_ddconfig(False),
                     lossconfig=_loss("taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator", n_classes=32),
                     n_embed=32, embed_dim=4, use_ema=True, monitor="val/rec_loss")
     model.learning_rate = 2e-3
     before = _l1(model, kl=False)
     codebook = model.quantize.embedding.weight.detach().clone()
-    trainer, rec = _fit(model, epochs=10, val=True)
+    trainer, rec = _fit(model, epochs=25, val=True)
     after = _l1(model, kl=False)
     assert after < 0.85 * before, (before, after)
     _check_disc_switch(rec)
     assert not torch.equal(model.quantize.embedding.weight, codebook)  # the codebook is trained
-    assert int(model.model_ema.num_updates) == 20
+    assert int(model.model_ema.num_updates) == 50
     metrics = trainer.callback_metrics
     assert {"train/quant_loss", "train/perplexity", "train/cluster_usage", "val/rec_loss", "val_ema/rec_loss"} <= \
         set(metrics)
