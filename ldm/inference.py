@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from ldm.checkpoint import load_state_dict
+from ldm.data.base import UnusableImage, open_image, to_model_image
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.denoiser import DiscreteDenoiser, SigmaDenoiser
 from ldm.models.diffusion.guidance import CFGGuider, Conditioning
@@ -175,19 +176,26 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def load_image(path: str | Path) -> torch.Tensor:
-    """An image file as a [1 x 3 x H x W] float Tensor in [-1, 1] (any mode is converted to RGB)."""
+    """An image file as a [1 x 3 x H x W] float Tensor in [-1, 1].
+
+    Every mode is converted to RGB as the datasets do (EXIF orientation applied, transparency composited on
+    white, high bit depth scaled), with a log line naming the file and its mode.
+
+    :raises FileNotFoundError: naming `path` when it does not exist.
+    :raises ValueError: naming `path` when it is not a readable image.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     try:
-        image = Image.open(path)
-        image.load()
-    except OSError as e:
+        with Image.open(path) as probe:
+            mode = probe.mode
+        image = open_image(path)
+    except (OSError, UnusableImage) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
-    if image.mode != "RGB":
-        logger.info("converting %s from %s to RGB", path, image.mode)
-        image = image.convert("RGB")
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
+    if mode != "RGB":
+        logger.info("converted %s from %s to RGB", path, mode)
+    x = torch.from_numpy(to_model_image(image))
     return x.permute(2, 0, 1)[None]
 
 
