@@ -58,10 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpus", default=None, help="passed to main.py (e.g. '0,'); CPU when absent")
     p.add_argument("--seed", type=int, default=23)
     p.add_argument("--samples-per-prompt", type=int, default=6, help="columns of the grid")
-    p.add_argument("--eval-per-class", type=int, default=4, help="samples per class for FID and accuracy")
+    p.add_argument("--eval-per-class", type=int, default=8, help="samples per class for FID and accuracy")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--scale", type=float, default=3.0, help="classifier-free guidance scale")
-    p.add_argument("--classifier-steps", type=int, default=300)
+    p.add_argument("--classifier-steps", type=int, default=200)
     p.add_argument("--quick", action="store_true", help="a few steps of everything (a smoke test, not a model)")
     p.add_argument("--retrain", action="store_true", help="train both stages again even if finished runs exist")
     return p.parse_args(argv)
@@ -127,8 +127,9 @@ def sample_prompts(model, prompts: list[str], per_prompt: int, args: argparse.Na
 def labelled_grid(images: np.ndarray, labels: list[str], per_row: int, zoom: int = 2) -> Image.Image:
     """One row per label: the label, then `per_row` images ([N x H x W x 3] uint8, label-major), zoomed."""
     h, w = images.shape[1:3]
-    cell, pad, text_w = (h * zoom, w * zoom), 2, 260
+    cell, pad = (h * zoom, w * zoom), 2
     font = ImageFont.load_default(size=14)
+    text_w = 12 + int(max(font.getlength(label) for label in labels))
     grid = Image.new("RGB", (text_w + per_row * (cell[0] + pad), len(labels) * (cell[1] + pad)), "white")
     draw = ImageDraw.Draw(grid)
     for r, label in enumerate(labels):
