@@ -194,7 +194,7 @@ def load_image(path: str | Path) -> torch.Tensor:
     except (OSError, UnusableImage) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
     if mode != "RGB":
-        logger.info("converted %s from %s to RGB", path, mode)
+        logger.warning("converted %s from %s to RGB", path, mode)
     x = torch.from_numpy(to_model_image(image))
     return x.permute(2, 0, 1)[None]
 
