@@ -4,11 +4,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import difflib
+import enum
 import importlib
 import importlib.util
 import inspect
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 
@@ -30,6 +31,8 @@ UNPUBLISHED_MODULES = {
 }
 
 SPECIAL_TARGETS = ("__is_first_stage__", "__is_unconditional__")
+
+E = TypeVar("E", bound=enum.Enum)
 
 _CONFIG_SOURCES: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("config_sources", default=())
 
@@ -177,6 +180,16 @@ def instantiate_from_config(config: Any, **extra: Any) -> Any:
     params.update(extra)
     check_arguments(obj, params, target)
     return obj(**params)
+
+
+def parse_enum(enum_cls: type[E], value: Any, key: str) -> E:
+    """`value` as a member of `enum_cls` (members pass through); otherwise a ValueError naming the config `key`
+    and the valid values."""
+    try:
+        return enum_cls(value)
+    except ValueError:
+        choices = ", ".join(repr(m.value) for m in enum_cls)
+        raise ValueError(f"unknown {key} {value!r}; choose one of {choices}") from None
 
 
 def exists(x: Any) -> bool:

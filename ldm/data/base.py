@@ -24,6 +24,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, IterableDataset
 
+from ldm.util import parse_enum
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"})
@@ -49,10 +51,7 @@ class Interpolation(enum.Enum):
 
     @classmethod
     def parse(cls, name: str | Interpolation) -> Interpolation:
-        try:
-            return cls(name)
-        except ValueError:
-            raise ValueError(f"unknown interpolation {name!r}; choose one of {[i.value for i in cls]}") from None
+        return parse_enum(cls, name, "interpolation")
 
     @property
     def pil(self) -> Image.Resampling:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ldm.util import mean_flat
+from ldm.util import mean_flat, parse_enum
 
 
 class LossType(str, enum.Enum):
@@ -25,10 +25,7 @@ class LossType(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: "str | LossType") -> "LossType":
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"unknown loss_type '{value}'; choose one of l1, l2") from None
+        return parse_enum(cls, value, "loss_type")
 
 
 def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: LossType) -> torch.Tensor:

@@ -9,6 +9,8 @@ import enum
 
 import torch
 
+from ldm.util import parse_enum
+
 
 class Parameterization(str, enum.Enum):
     EPS = "eps"
@@ -17,10 +19,7 @@ class Parameterization(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: "str | Parameterization") -> "Parameterization":
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"unknown parameterization '{value}'; choose one of eps, x0, v") from None
+        return parse_enum(cls, value, "parameterization")
 
 
 def target(parameterization: str | Parameterization, x0: torch.Tensor, eps: torch.Tensor,

@@ -10,6 +10,8 @@ import math
 import numpy as np
 import torch
 
+from ldm.util import parse_enum
+
 
 class BetaSchedule(str, enum.Enum):
     LINEAR = "linear"            # linear in sqrt(beta), as in LDM
@@ -30,11 +32,7 @@ BUFFER_NAMES = (
 def make_beta_schedule(schedule: str | BetaSchedule, n_timestep: int, linear_start: float = 1e-4,
                        linear_end: float = 2e-2, cosine_s: float = 8e-3) -> np.ndarray:
     """The betas of a named schedule as a float64 [n_timestep] array (the original's definitions)."""
-    try:
-        schedule = BetaSchedule(schedule)
-    except ValueError:
-        raise ValueError(f"unknown beta_schedule '{schedule}'; choose one of "
-                         f"{', '.join(s.value for s in BetaSchedule)}") from None
+    schedule = parse_enum(BetaSchedule, schedule, "beta_schedule")
     if n_timestep < 1:
         raise ValueError(f"timesteps must be positive, got {n_timestep}")
     if schedule is BetaSchedule.LINEAR:

@@ -11,6 +11,8 @@ import enum
 import numpy as np
 import torch
 
+from ldm.util import parse_enum
+
 
 class DDIMDiscretization(str, enum.Enum):
     UNIFORM = "uniform"
@@ -18,11 +20,7 @@ class DDIMDiscretization(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: "str | DDIMDiscretization") -> "DDIMDiscretization":
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"unknown ddim_discretize '{value}'; choose one of "
-                             f"{', '.join(d.value for d in cls)}") from None
+        return parse_enum(cls, value, "ddim_discretize")
 
 
 def make_ddim_timesteps(method: str | DDIMDiscretization, num_ddim_timesteps: int,

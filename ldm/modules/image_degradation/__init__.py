@@ -13,8 +13,15 @@ import functools
 import numpy as np
 from PIL import Image
 
-from ldm.modules.image_degradation.bsrgan import FULL, LIGHT, BSRConfig, degradation_bsrgan_variant, to_uint8
+from ldm.modules.image_degradation.bsrgan import (
+    FULL,
+    LIGHT,
+    BSRConfig,
+    degradation_bsrgan_variant,
+    to_uint8,
+)
 from ldm.modules.image_degradation.resize import imresize
+from ldm.util import parse_enum
 
 __all__ = ["Degradation", "degrade", "bicubic_degradation", "degradation_bsrgan_variant", "degradation_fn_bsr",
            "degradation_fn_bsr_light", "imresize", "BSRConfig", "FULL", "LIGHT"]
@@ -38,10 +45,7 @@ class Degradation(enum.Enum):
 
     @classmethod
     def parse(cls, name: str | Degradation) -> Degradation:
-        try:
-            return cls(name)
-        except ValueError:
-            raise ValueError(f"unknown degradation {name!r}; choose one of {[d.value for d in cls]}") from None
+        return parse_enum(cls, name, "degradation")
 
     @property
     def is_random(self) -> bool:

@@ -14,6 +14,7 @@ from torch import nn
 
 from ldm.modules.losses.discriminator import NLayerDiscriminator, weights_init
 from ldm.modules.losses.lpips import LPIPS, PerceptualWeights
+from ldm.util import parse_enum
 
 
 class LossStep(enum.IntEnum):
@@ -29,10 +30,7 @@ class GANLossType(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: str | GANLossType) -> GANLossType:
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"unknown disc_loss '{value}'; choose 'hinge' or 'vanilla'") from None
+        return parse_enum(cls, value, "disc_loss")
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:

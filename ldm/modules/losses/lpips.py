@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ldm.checkpoint import load_state_dict
+from ldm.util import parse_enum
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +36,7 @@ class PerceptualWeights(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: str | PerceptualWeights) -> PerceptualWeights:
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"unknown perceptual_weights '{value}'; choose 'pretrained' or 'random'") from None
+        return parse_enum(cls, value, "perceptual_weights")
 
 
 def vgg16_weights_path() -> Path:
