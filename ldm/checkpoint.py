@@ -282,7 +282,8 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | Path,
         save_file(tensors, str(tmp), metadata=dict(metadata) if metadata else None)
 
 
-def _listing(title: str, items: Sequence[str]) -> str:
+def key_listing(title: str, items: Sequence[str]) -> str:
+    """``"<count> <title>: a, b, c ... and N more"``, naming at most MAX_LISTED_KEYS items, for error messages."""
     shown = ", ".join(items[:MAX_LISTED_KEYS])
     more = f" ... and {len(items) - MAX_LISTED_KEYS} more" if len(items) > MAX_LISTED_KEYS else ""
     return f"{len(items)} {title}: {shown}{more}"
@@ -308,16 +309,16 @@ def load_weights(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]
                   for k in own if k in sd and isinstance(sd[k], torch.Tensor) and sd[k].shape != own[k].shape]
     problems = []
     if mismatched:
-        problems.append(_listing("shape mismatches", mismatched))
+        problems.append(key_listing("shape mismatches", mismatched))
     if strict and missing:
-        problems.append(_listing("missing keys", missing))
+        problems.append(key_listing("missing keys", missing))
     if strict and unexpected:
-        problems.append(_listing("unexpected keys", unexpected))
+        problems.append(key_listing("unexpected keys", unexpected))
     if problems:
         where = f" from {source}" if source else ""
         raise CheckpointError(f"cannot load weights{where} into {type(module).__name__}: " + "; ".join(problems))
     module.load_state_dict(sd, strict=False)
     if missing or unexpected:
         logger.info("loaded weights%s with %s; %s", f" from {source}" if source else "",
-                    _listing("missing keys", missing), _listing("unexpected keys", unexpected))
+                    key_listing("missing keys", missing), key_listing("unexpected keys", unexpected))
     return missing, unexpected
