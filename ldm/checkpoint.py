@@ -204,6 +204,25 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     return ckpt
 
 
+def read_safetensors(path: str | Path, tensors: bool = True,
+                     description: str = "safetensors file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors (on the CPU; none unless `tensors`) and the metadata of a ``.safetensors`` file.
+
+    :param description: what the file is, for messages (e.g. "LoRA file").
+    :raises FileNotFoundError, CheckpointError: naming the file when it is missing or unreadable.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{description} not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return ({k: f.get_tensor(k) for k in f.keys()} if tensors else {}), dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {description} {path}: {e}") from e
+
+
 def load_state_dict(path: str | Path, map_location: Any = "cpu") -> dict[str, torch.Tensor]:
     """The model state dict of a checkpoint file (see :func:`load_checkpoint`)."""
     return load_checkpoint(path, map_location)["state_dict"]
