@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ldm.checkpoint import CheckpointError, key_listing
+from ldm.checkpoint import CheckpointError, key_listing, read_safetensors
 from ldm.modules.ema import shadow_name
 from ldm.modules.power_ema import MAX_SIGMA_REL, SNAPSHOT_FORMAT, sigma_rel_to_gamma, solve_coefficients
 
@@ -47,16 +47,11 @@ class Snapshot:
 def read_snapshot(path: str | Path) -> Snapshot:
     """The metadata of one snapshot file (the tensors are not read).
 
-    :raises CheckpointError: naming the file when it is unreadable or not a post-hoc EMA snapshot.
+    :raises FileNotFoundError, CheckpointError: naming the file when it is missing, unreadable or not a post-hoc
+        EMA snapshot.
     """
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"cannot read post-hoc EMA snapshot {path}: {e}") from e
+    _, meta = read_safetensors(path, tensors=False, description="post-hoc EMA snapshot")
     if meta.get("format") != SNAPSHOT_FORMAT:
         raise CheckpointError(f"{path} is not a post-hoc EMA snapshot (metadata format {meta.get('format')!r}, "
                               f"expected {SNAPSHOT_FORMAT!r})")
@@ -145,14 +140,12 @@ def reconstruct(snapshots: Sequence[Snapshot], sigma_rel: float, step: int | Non
     :raises PostHocEMAError: see :func:`plan`.
     :raises CheckpointError: naming the file and the keys when the snapshots do not hold the same tensors.
     """
-    from safetensors.torch import load_file
-
     terms, error = plan(snapshots, sigma_rel, step, max_error)
     logger.info("post-hoc EMA sigma_rel=%s from %d snapshots (response error %.4f)", sigma_rel, len(terms), error)
     total: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
     for snapshot, coeff in tqdm(terms, desc=f"post-hoc EMA {sigma_rel}", disable=None if progress is None else not progress):
-        weights = load_file(str(snapshot.path))
+        weights, _ = read_safetensors(snapshot.path, description="post-hoc EMA snapshot")
         if not total:
             dtypes = {k: v.dtype for k, v in weights.items()}
             total = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in weights.items()}
