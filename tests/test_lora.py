@@ -6,15 +6,13 @@ import pytest
 import torch
 
 from ldm.checkpoint import CheckpointError, save_safetensors
-from ldm.finetune.lora import (LoraMismatchError, LoraOptions, add_lora, load_lora, lora_state_dict, read_lora,
-                               save_lora)
+from ldm.finetune.lora import (DEFAULT_TARGETS, LoraMismatchError, LoraOptions, add_lora, load_lora,
+                               lora_state_dict, read_lora, save_lora)
 from ldm.finetune.params import PatternError
 from ldm.modules.attention import CrossAttention
 from tests.helpers.finetune import TinyLDM, batch, train_steps
 
-OPTIONS = LoraOptions(rank=4, alpha=8.0, targets=("model.diffusion_model.*.to_q", "model.diffusion_model.*.to_k",
-                                                  "model.diffusion_model.*.to_v", "model.diffusion_model.*.to_out.0",
-                                                  "cond_stage_model"))
+OPTIONS = LoraOptions(rank=4, alpha=8.0, targets=DEFAULT_TARGETS + ("cond_stage_model",))
 
 
 def outputs(model: torch.nn.Module) -> torch.Tensor:

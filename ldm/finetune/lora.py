@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 LORA_FORMAT = "ldm-lora"
 LORA_VERSION = "1"
 ADAPTER = "default"
-DEFAULT_TARGETS = ("*.to_q", "*.to_k", "*.to_v", "*.to_out.0")
+DEFAULT_TARGETS = tuple(f"model.diffusion_model.*.{name}" for name in ("to_q", "to_k", "to_v", "to_out.0"))
 
 
 class LoraMismatchError(CheckpointError):
