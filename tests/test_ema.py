@@ -125,3 +125,18 @@ def test_schedules_keep_the_checkpoint_layout_and_the_factory_names_bad_keys():
         make_decay_schedule({"kind": "power", "gamma": 1.0})
     with pytest.raises(ValueError, match="use_num_upates"):
         LitEma(Net(), use_num_upates=False, schedule=PowerWarmup())
+
+
+def test_reset_restarts_the_average_at_the_current_weights():
+    net = Net()
+    ema = LitEma(net, decay=0.9)
+    list(run_updates(ema, net, 5))
+    with torch.no_grad():
+        net.diffusion_model[1].weight.fill_(3.0)
+    assert not torch.equal(ema.diffusion_model1weight, net.diffusion_model[1].weight)
+    ema.reset(net)
+    assert ema.num_updates.item() == 0
+    for name, s_name in ema.m_name2s_name.items():
+        assert torch.equal(ema.get_buffer(s_name), net.get_parameter(name)), name
+    with pytest.raises(KeyError, match="diffusion_model.0.weight"):
+        ema.reset(nn.Linear(1, 1))

@@ -175,6 +175,21 @@ class LitEma(nn.Module):
             shadow = shadows[self._shadow_of(name)]
             shadow.sub_(one_minus_decay.to(shadow.dtype) * (shadow - param.to(shadow.dtype)))
 
+    @torch.no_grad()
+    def reset(self, model: nn.Module) -> None:
+        """Restarts the average at the current parameters of `model` (e.g. after a warm start that brought no EMA
+        weights): every shadow is set to its parameter and the update count to zero (if counted)."""
+        params = dict(model.named_parameters())
+        shadows = dict(self.named_buffers())
+        missing = [name for name in self.m_name2s_name if name not in params]
+        if missing:
+            raise KeyError(f"cannot reset the EMA from {type(model).__name__}: it lacks the tracked parameters "
+                           f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        for name, s_name in self.m_name2s_name.items():
+            shadows[s_name].copy_(params[name])
+        if self.num_updates >= 0:
+            self.num_updates.zero_()
+
     def _shadow_of(self, name: str) -> str:
         try:
             return self.m_name2s_name[name]
