@@ -7,7 +7,7 @@ import torch
 
 from ldm.models.diffusion.parameterization import target, to_x0_eps
 from ldm.models.diffusion.schedule import make_beta_schedule, rescale_zero_terminal_snr, schedule_buffers
-from ldm.models.diffusion.weighting import MinSNRWeighting, min_snr_weights, snr
+from ldm.models.diffusion.weighting import MinSNRWeighting, make_loss_weighting, min_snr_weights, snr
 
 PARAMS = ("eps", "x0", "v")
 
@@ -71,3 +71,14 @@ def test_lookup_by_timestep_and_bad_gamma():
         min_snr_weights(ac, "eps", 0.0)
     with pytest.raises(ValueError, match="parameterization"):
         MinSNRWeighting(ac, "score")
+
+
+def test_factory_reads_the_config_and_names_bad_keys():
+    ac = ldm_alphas_cumprod()
+    assert make_loss_weighting(None, ac, "eps") is None and make_loss_weighting("none", ac, "eps") is None
+    weighting = make_loss_weighting({"kind": "min_snr", "gamma": 2.0}, ac, "x0")
+    torch.testing.assert_close(weighting.table, min_snr_weights(ac, "x0", 2.0))
+    with pytest.raises(ValueError, match="loss_weighting.kind 'p2'"):
+        make_loss_weighting({"kind": "p2"}, ac, "eps")
+    with pytest.raises(ValueError, match="unknown loss_weighting key\\(s\\) k"):
+        make_loss_weighting({"kind": "min_snr", "k": 1.0}, ac, "eps")

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping, Protocol
 import torch
 from torch import nn
 
-from ldm.util import parse_enum
+from ldm.util import parse_kind_config
 
 
 def shadow_name(param_name: str) -> str:
@@ -111,13 +111,10 @@ def make_decay_schedule(config: Mapping[str, Any] | str | None) -> DecaySchedule
         takes `power`, `inv_gamma` and `min_decay` (see :class:`PowerWarmup`).
     :raises ValueError: naming the key for an unknown kind or parameter.
     """
-    params = {} if config is None else {"kind": config} if isinstance(config, str) else dict(config)
-    kind = parse_enum(EMASchedule, params.pop("kind", EMASchedule.RATIO.value), "ema_schedule.kind")
+    kind, params = parse_kind_config(config, EMASchedule, EMASchedule.RATIO, "ema_schedule",
+                                     {EMASchedule.RATIO: (), EMASchedule.CONSTANT: (),
+                                      EMASchedule.POWER: ("power", "inv_gamma", "min_decay")})
     cls = {EMASchedule.RATIO: RatioWarmup, EMASchedule.CONSTANT: ConstantDecay, EMASchedule.POWER: PowerWarmup}[kind]
-    unknown = sorted(set(params) - set(cls.__dataclass_fields__))
-    if unknown:
-        raise ValueError(f"unknown ema_schedule key(s) {', '.join(unknown)} for kind '{kind.value}'; allowed: "
-                         f"{', '.join(cls.__dataclass_fields__) or 'none'}")
     return cls(**params)
 
 

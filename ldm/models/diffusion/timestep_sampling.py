@@ -12,7 +12,7 @@ from typing import Any, Mapping, Protocol
 
 import torch
 
-from ldm.util import parse_enum
+from ldm.util import parse_kind_config
 
 
 class TimestepSampling(str, enum.Enum):
@@ -84,14 +84,8 @@ def make_timestep_sampler(config: Mapping[str, Any] | str | None, num_timesteps:
     :param num_timesteps: the length T of the model's schedule.
     :raises ValueError: naming the key for an unknown kind or parameter.
     """
-    if config is None:
+    kind, params = parse_kind_config(config, TimestepSampling, TimestepSampling.UNIFORM, "timestep_sampling",
+                                     {TimestepSampling.UNIFORM: (), TimestepSampling.LOGIT_NORMAL: ("mean", "std")})
+    if kind is TimestepSampling.UNIFORM:
         return UniformTimesteps(num_timesteps)
-    params = {"kind": config} if isinstance(config, str) else dict(config)
-    kind = parse_enum(TimestepSampling, params.pop("kind", TimestepSampling.UNIFORM.value), "timestep_sampling.kind")
-    cls = UniformTimesteps if kind is TimestepSampling.UNIFORM else LogitNormalTimesteps
-    allowed = {f for f in cls.__dataclass_fields__ if f != "num_timesteps"}
-    unknown = sorted(set(params) - allowed)
-    if unknown:
-        raise ValueError(f"unknown timestep_sampling key(s) {', '.join(unknown)} for kind '{kind.value}'; "
-                         f"allowed: {', '.join(sorted(allowed)) or 'none'}")
-    return cls(num_timesteps, **params)
+    return LogitNormalTimesteps(num_timesteps, **params)

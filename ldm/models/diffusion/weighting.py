@@ -22,9 +22,18 @@ holds for the squared (l2) error; with an l1 loss the same weights are applied b
 """
 from __future__ import annotations
 
+import enum
+from typing import Any, Mapping
+
 import torch
 
 from ldm.models.diffusion.parameterization import Parameterization
+from ldm.util import parse_kind_config
+
+
+class LossWeightingKind(str, enum.Enum):
+    NONE = "none"
+    MIN_SNR = "min_snr"
 
 
 def snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
@@ -81,3 +90,17 @@ class MinSNRWeighting:
 
     def __repr__(self) -> str:
         return f"MinSNRWeighting(gamma={self.gamma}, parameterization={self.parameterization.value!r})"
+
+
+def make_loss_weighting(config: Mapping[str, Any] | str | None, alphas_cumprod: torch.Tensor,
+                        parameterization: str | Parameterization) -> MinSNRWeighting | None:
+    """The per-timestep loss weighting of a config, or None for the unweighted loss (the original).
+
+    :param config: None, a kind ('none', 'min_snr') or ``{"kind": "min_snr", "gamma": 5.0}``.
+    :raises ValueError: naming the key for an unknown kind or parameter.
+    """
+    kind, params = parse_kind_config(config, LossWeightingKind, LossWeightingKind.NONE, "loss_weighting",
+                                     {LossWeightingKind.NONE: (), LossWeightingKind.MIN_SNR: ("gamma",)})
+    if kind is LossWeightingKind.NONE:
+        return None
+    return MinSNRWeighting(alphas_cumprod, parameterization, **params)
