@@ -144,7 +144,8 @@ def reconstruct(snapshots: Sequence[Snapshot], sigma_rel: float, step: int | Non
     logger.info("post-hoc EMA sigma_rel=%s from %d snapshots (response error %.4f)", sigma_rel, len(terms), error)
     total: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
-    for snapshot, coeff in tqdm(terms, desc=f"post-hoc EMA {sigma_rel}", disable=None if progress is None else not progress):
+    disable = None if progress is None else not progress
+    for snapshot, coeff in tqdm(terms, desc=f"post-hoc EMA {sigma_rel}", disable=disable):
         weights, _ = read_safetensors(snapshot.path, description="post-hoc EMA snapshot")
         if not total:
             dtypes = {k: v.dtype for k, v in weights.items()}

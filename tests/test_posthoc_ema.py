@@ -5,7 +5,6 @@ import importlib.util
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from scipy import integrate
@@ -101,7 +100,8 @@ def test_lengths_outside_the_reconstructable_range_are_refused_by_name(tmp_path)
     lo, hi = map(float, re.search(r"sigma_rel in \[([\d.]+), ([\d.]+)\]", str(info.value)).groups())
     assert lo < 0.05 and hi > 0.10
     times, gammas = [s.t for s in snapshots], [s.gamma for s in snapshots]
-    residual = [solve_coefficients(times, gammas, 100, sigma_rel_to_gamma(v))[1] for v in (lo - 1e-3, lo, hi, hi + 1e-3)]
+    residual = [solve_coefficients(times, gammas, 100, sigma_rel_to_gamma(v))[1]
+                for v in (lo - 1e-3, lo, hi, hi + 1e-3)]
     assert residual[0] > 0.1 >= residual[1] and residual[2] <= 0.1 < residual[3]
     with pytest.raises(PostHocEMAError, match=r"sigma_rel=0\.3 is outside"):
         reconstruct(snapshots, 0.3)

@@ -16,7 +16,8 @@ def test_uniform_is_bit_identical_to_the_original_draw():
     torch.manual_seed(7)
     assert torch.equal(UniformTimesteps(1000)(64, "cpu"), original)
     gen_a, gen_b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    assert torch.equal(UniformTimesteps(1000)(64, "cpu", generator=gen_a), torch.randint(0, 1000, (64,), generator=gen_b))
+    assert torch.equal(UniformTimesteps(1000)(64, "cpu", generator=gen_a),
+                       torch.randint(0, 1000, (64,), generator=gen_b))
 
 
 def test_uniform_draws_what_the_ddpm_training_step_draws():
