@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm.checkpoint import CheckpointError, save_safetensors
+from ldm.checkpoint import CheckpointError, read_safetensors, save_safetensors
 from ldm.finetune.lora import (DEFAULT_TARGETS, LoraMismatchError, LoraOptions, add_lora, load_lora,
                                lora_state_dict, read_lora, save_lora)
 from ldm.finetune.params import PatternError
@@ -111,3 +111,13 @@ def test_bad_targets_and_files_are_named(tmp_path):
     with pytest.raises(ValueError, match="unknown lora key\\(s\\) r"):
         LoraOptions.from_config({"r": 4})
     assert LoraOptions.from_config({"rank": 8, "targets": "*.to_k"}) == LoraOptions(rank=8, targets=("*.to_k",))
+
+
+def test_a_file_with_tensors_its_metadata_does_not_describe_is_refused(trained, tmp_path):
+    _, base, _, path = trained
+    tensors, metadata = read_safetensors(path)
+    save_safetensors({**tensors, "model.diffusion_model.extra.lora_A.weight": torch.zeros(4, 4)},
+                     tmp_path / "padded.safetensors", metadata=metadata)
+    with pytest.raises(LoraMismatchError, match=r"padded.safetensors .*1 keys its metadata does not describe: "
+                                                r"model.diffusion_model.extra.lora_A.weight"):
+        load_lora(fresh(base), tmp_path / "padded.safetensors")

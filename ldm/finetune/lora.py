@@ -188,12 +188,15 @@ def check_lora_fits(root: nn.Module, path: str | Path, tensors: Mapping[str, tor
             if got != shape or got != model_shapes[key]:
                 mismatched.append(f"{key} (file {list(got) if got else 'absent'}, model expects "
                                   f"{list(model_shapes[key])})")
+    described = {f"{name}.lora_{part}.weight" for name in modules for part in "AB"}
+    undescribed = sorted(k for k in tensors if k not in described)
     file_modules = set(modules)
     linear = [n for n, m in own.items() if isinstance(m, nn.Linear)]
     left_out = [f"{n}.lora_A.weight" for n in linear if n not in file_modules
                 and any(fnmatch.fnmatchcase(n, p) for p in info["targets"])]
     problems = [key_listing(title, items) for title, items in
                 (("keys for modules the model lacks", absent), ("shape mismatches", mismatched),
+                 ("keys its metadata does not describe", undescribed),
                  ("keys missing for modules the file's targets match in the model", left_out)) if items]
     if problems:
         raise LoraMismatchError(f"LoRA file {path} (made for {info['root']}) does not fit "
