@@ -9,9 +9,9 @@ schedules are plain attributes, not buffers, so the checkpoint layout is the sam
 
 - :class:`RatioWarmup` (the original): ``min(decay, (1 + n) / (10 + n))``;
 - :class:`ConstantDecay`: ``decay`` from the first update on;
-- :class:`PowerWarmup`: ``min(decay, max(min_decay, 1 - (1 + (n - 1) / inv_gamma) ** -power))``, the warm-up
-  popularised by k-diffusion and diffusers (power 2/3 suits long runs, 3/4 short ones); the first update copies
-  the weights;
+- :class:`PowerWarmup`: ``min(decay, max(min_decay, 1 - (1 + (n - 1) / inv_gamma) ** -power))``, the inverse-decay
+  warm-up of k-diffusion's ``EMAWarmup`` (power 2/3 suits long runs, 3/4 short ones); the first update copies the
+  weights;
 - :class:`PowerFunctionProfile`: ``(1 - 1 / n) ** (gamma + 1)``, the power-function EMA of EDM2 (see power_ema.py);
   it has no asymptotic decay.
 
