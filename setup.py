@@ -25,6 +25,7 @@ setup(
         "scipy",
         "tqdm",
         "safetensors",
+        "peft",
         "pyyaml",
         "webdataset",
         "scikit-image",

@@ -204,6 +204,25 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     return ckpt
 
 
+def read_safetensors(path: str | Path, tensors: bool = True,
+                     description: str = "safetensors file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors (on the CPU; none unless `tensors`) and the metadata of a ``.safetensors`` file.
+
+    :param description: what the file is, for messages (e.g. "LoRA file").
+    :raises FileNotFoundError, CheckpointError: naming the file when it is missing or unreadable.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{description} not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return ({k: f.get_tensor(k) for k in f.keys()} if tensors else {}), dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {description} {path}: {e}") from e
+
+
 def load_state_dict(path: str | Path, map_location: Any = "cpu") -> dict[str, torch.Tensor]:
     """The model state dict of a checkpoint file (see :func:`load_checkpoint`)."""
     return load_checkpoint(path, map_location)["state_dict"]
@@ -282,7 +301,8 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | Path,
         save_file(tensors, str(tmp), metadata=dict(metadata) if metadata else None)
 
 
-def _listing(title: str, items: Sequence[str]) -> str:
+def key_listing(title: str, items: Sequence[str]) -> str:
+    """``"<count> <title>: a, b, c ... and N more"``, naming at most MAX_LISTED_KEYS items, for error messages."""
     shown = ", ".join(items[:MAX_LISTED_KEYS])
     more = f" ... and {len(items) - MAX_LISTED_KEYS} more" if len(items) > MAX_LISTED_KEYS else ""
     return f"{len(items)} {title}: {shown}{more}"
@@ -308,16 +328,16 @@ def load_weights(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]
                   for k in own if k in sd and isinstance(sd[k], torch.Tensor) and sd[k].shape != own[k].shape]
     problems = []
     if mismatched:
-        problems.append(_listing("shape mismatches", mismatched))
+        problems.append(key_listing("shape mismatches", mismatched))
     if strict and missing:
-        problems.append(_listing("missing keys", missing))
+        problems.append(key_listing("missing keys", missing))
     if strict and unexpected:
-        problems.append(_listing("unexpected keys", unexpected))
+        problems.append(key_listing("unexpected keys", unexpected))
     if problems:
         where = f" from {source}" if source else ""
         raise CheckpointError(f"cannot load weights{where} into {type(module).__name__}: " + "; ".join(problems))
     module.load_state_dict(sd, strict=False)
     if missing or unexpected:
         logger.info("loaded weights%s with %s; %s", f" from {source}" if source else "",
-                    _listing("missing keys", missing), _listing("unexpected keys", unexpected))
+                    key_listing("missing keys", missing), key_listing("unexpected keys", unexpected))
     return missing, unexpected

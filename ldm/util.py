@@ -192,6 +192,24 @@ def parse_enum(enum_cls: type[E], value: Any, key: str) -> E:
         raise ValueError(f"unknown {key} {value!r}; choose one of {choices}") from None
 
 
+def parse_kind_config(config: Mapping[str, Any] | str | None, enum_cls: type[E], default: E, key: str,
+                      allowed: Mapping[E, Sequence[str]]) -> tuple[E, dict[str, Any]]:
+    """A config option given as None (the `default` kind), a kind, or ``{"kind": ..., **params}``.
+
+    :param key: the config key, for messages (``timestep_sampling``, ...).
+    :param allowed: the parameter names each kind accepts.
+    :return: (the kind, its parameters).
+    :raises ValueError: naming ``<key>.kind`` for an unknown kind and `key` for parameters the kind does not take.
+    """
+    params = {} if config is None else {"kind": config} if isinstance(config, str) else dict(config)
+    kind = parse_enum(enum_cls, params.pop("kind", default.value), f"{key}.kind")
+    unknown = sorted(set(params) - set(allowed[kind]))
+    if unknown:
+        raise ValueError(f"unknown {key} key(s) {', '.join(unknown)} for kind '{kind.value}'; allowed: "
+                         f"{', '.join(allowed[kind]) or 'none'}")
+    return kind, params
+
+
 def exists(x: Any) -> bool:
     return x is not None
 
