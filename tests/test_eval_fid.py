@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -9,9 +10,9 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from ldm.evaluation import (BUNDLED_NAME, FeatureExtractor, FeatureStats, InceptionOutput, compute_fid,
-                            extract_features, frechet_distance, frechet_distance_from_features, load_extractor,
-                            open_images, reference_stats, to_uint8_nhwc)
+from ldm.evaluation import (BUNDLED_NAME, BundledInception, FeatureExtractor, FeatureStats, InceptionOutput,
+                            compute_fid, extract_features, frechet_distance, frechet_distance_from_features,
+                            load_extractor, open_images, reference_stats, to_uint8_nhwc)
 
 
 class MeanColourExtractor(FeatureExtractor):
@@ -128,6 +129,13 @@ def test_compute_fid_with_injected_extractor_and_stats_cache(tmp_path):
 @pytest.fixture(scope="module")
 def bundled():
     return load_extractor("bundled", device="cpu")
+
+
+def test_loading_the_bundled_extractor_is_quiet_about_torchscript():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        BundledInception()
+    assert not [w for w in caught if "torch.jit" in str(w.message)], [str(w.message) for w in caught]
 
 
 @pytest.fixture(scope="module")

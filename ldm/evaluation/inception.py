@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import importlib.util
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,7 +193,11 @@ class BundledInception(FeatureExtractor):
 
     def __init__(self, path: str | Path | None = None):
         super().__init__()
-        self.net = torch.jit.load(str(path or bundled_model_path()), map_location="cpu").eval()
+        with warnings.catch_warnings():
+            # torch deprecates TorchScript; the bundled network exists only in that format, so the warning
+            # tells a user nothing they can act on
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is", category=FutureWarning)
+            self.net = torch.jit.load(str(path or bundled_model_path()), map_location="cpu").eval()
         for p in self.net.parameters():
             p.requires_grad_(False)
 
