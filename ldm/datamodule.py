@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from ldm.callbacks.reliability import ResumableSampler
+from ldm.data.sampler import ResumableSampler
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -67,12 +67,18 @@ class DataModuleFromConfig(pl.LightningDataModule):
         configs = dict(train=train, validation=validation, test=test, predict=predict)
         self.dataset_configs = {k: v for k, v in configs.items() if v is not None}
         self.datasets: dict[str, Any] = {}
-        # Lightning treats a split as present when its *_dataloader hook exists, so define only those we have.
-        hooks = {"train": "train_dataloader", "validation": "val_dataloader", "test": "test_dataloader",
-                 "predict": "predict_dataloader"}
-        for split, hook in hooks.items():
-            if split in self.dataset_configs:
-                setattr(self, hook, lambda split=split: self._dataloader(split))
+
+    def train_dataloader(self) -> DataLoader | list:
+        return self._dataloader("train")
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._dataloader("validation")
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._dataloader("test")
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self._dataloader("predict")
 
     def prepare_data(self) -> None:
         """Builds each dataset once on the main process, so that downloads or index building happen there."""
@@ -88,16 +94,28 @@ class DataModuleFromConfig(pl.LightningDataModule):
             size = len(dataset) if hasattr(dataset, "__len__") else "streamed"
             logger.info("data %s: %s, %s items", split, type(dataset).__name__, size)
 
-    def _dataloader(self, split: str) -> DataLoader:
+    def _dataloader(self, split: str) -> DataLoader | list:
+        """The split's loader; an empty list (which Lightning reads as "no loader") for a split without a config.
+
+        The train split of a map-style dataset is drawn by a :class:`~ldm.data.sampler.ResumableSampler`: one
+        shuffled order per epoch that depends only on the seed and the epoch, split over the ranks when there are
+        several, so a resumed run continues it exactly (Lightning keeps this sampler instead of injecting its own).
+        """
+        if split not in self.dataset_configs:
+            return []
         if not self.datasets:
             self.setup()
         dataset = self.datasets[split]
         iterable = isinstance(dataset, IterableDataset)
         init_fn = worker_init_fn if (iterable or self.use_worker_init_fn) else None
         shuffle = self.shuffle[split] and not iterable
-        # the train order depends only on (seed, epoch), so a resumed run continues it exactly
-        seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
-        sampler = ResumableSampler(len(dataset), seed=seed) if shuffle and split == "train" else None
+        sampler = self._train_sampler(len(dataset)) if shuffle and split == "train" else None
         return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
                           shuffle=shuffle and sampler is None, sampler=sampler, worker_init_fn=init_fn,
                           persistent_workers=self.num_workers > 0 and split == "train")
+
+    def _train_sampler(self, length: int) -> ResumableSampler:
+        seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return ResumableSampler(length, seed=seed, num_replicas=world, rank=rank, batch_size=self.batch_size)

@@ -13,9 +13,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.callbacks import SetupCallback
-from ldm.callbacks.reliability import preempted, reliability_callbacks, reliability_plugins, validate_config
+from ldm.callbacks.preemption import preempted
+from ldm.callbacks.reliability import reliability_callbacks, reliability_plugins
 from ldm.cli import (RunPaths, device_count, merge_configs, parse_cli, resolve_run,
                      scaled_learning_rate, split_cli_args, trainer_arguments)
+from ldm.config_checks import validate_config
 from ldm.util import as_list, config_source, instantiate_from_config
 
 logger = logging.getLogger("main")

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Subset
 
-from ldm.callbacks.reliability import ResumableSampler
+from ldm.data.sampler import ResumableSampler
 from ldm.checkpoint import load_checkpoint
 from ldm.util import instantiate_from_config
 from tests.test_reliability_resume import _train, assert_same_training_state
