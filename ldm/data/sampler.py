@@ -1,18 +1,19 @@
 """The training sampler: a shuffled order fixed by (seed, epoch), shared by every rank, each rank taking its part,
-that can skip what an interrupted run already consumed.
+that can skip what an interrupted run already consumed; and the dataset wrapper that makes each item's random
+augmentation a function of (seed, epoch, index).
 
-Under ``main.py`` the data module gives the train loader this sampler at any world size; Lightning leaves a
+Under ``main.py`` the data module gives the train loader both at any world size; Lightning leaves a
 `DistributedSampler` in place instead of injecting its own.
 """
 from __future__ import annotations
 
 import logging
 import random
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 
 logger = logging.getLogger(__name__)
 
@@ -24,9 +25,30 @@ def seed_host_generators(seed: int) -> None:
     random.seed(seed)
 
 
-def position_seed(seed: int, epoch: int, position: int) -> int:
-    """The seed of the item at `position` of epoch `epoch`'s order."""
-    return (seed * 1_000_003 + epoch * 65_537 + position) % (2 ** 32)
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of dataset item `index` in epoch `epoch` of a run seeded with `seed`."""
+    return (seed * 1_000_003 + epoch * 65_537 + index) % (2 ** 32)
+
+
+class ItemSeededDataset(Dataset):
+    """A map-style dataset read with keys ``(index, seed)`` (from a :class:`ResumableSampler` with
+    ``item_seeds=True``): the host generators (CPU torch, numpy, random) are seeded with `seed` before item `index`
+    is read, so its random transforms depend only on (run seed, epoch, index): not on the rank, the batch size,
+    the loader worker, or when it was fetched.
+
+    :param dataset: any map-style dataset.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        seed_host_generators(seed)
+        return self.dataset[index]
 
 
 class ResumableSampler(DistributedSampler):
@@ -43,26 +65,23 @@ class ResumableSampler(DistributedSampler):
     :meth:`skip` drops the first `n` positions of the epoch's order (the samples an interrupted run consumed,
     counted over all ranks), so a resumed run continues the order at any world size.
 
-    When the dataset is read in the training process (``num_workers=0``), random transforms draw from the global
-    generators; the sampler reseeds them (CPU torch, numpy, random) from (seed, epoch, position) before handing out
-    each index, so an item's augmentation depends only on its position in the epoch's order, not on the rank or on
-    when it was fetched.
+    With ``item_seeds`` it yields ``(index, item_seed(seed, epoch, index))`` for an :class:`ItemSeededDataset`.
 
     :param length: the dataset length.
     :param seed: the order's seed.
     :param num_replicas, rank: the world size and this process's rank (default: one process).
     :param batch_size: the per-rank batch size (to keep the ranks' batch counts equal).
-    :param seed_transforms: reseed the global generators per position as described above.
+    :param item_seeds: yield (index, seed) pairs instead of indices.
     """
 
     def __init__(self, length: int, seed: int = 0, num_replicas: int = 1, rank: int = 0, batch_size: int = 1,
-                 seed_transforms: bool = True) -> None:
+                 item_seeds: bool = False) -> None:
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
         super().__init__(range(int(length)), num_replicas=num_replicas, rank=rank, shuffle=True, seed=int(seed))
         self.length = int(length)
         self.batch_size = max(1, int(batch_size))
-        self.seed_transforms = seed_transforms
+        self.item_seeds = item_seeds
         self._skip = 0
         self.usable = self._usable_length()
 
@@ -87,14 +106,13 @@ class ResumableSampler(DistributedSampler):
             raise ValueError(f"cannot skip {n} samples over {self.num_replicas} ranks: not a multiple")
         self._skip = int(n)
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int | tuple[int, int]]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.length, generator=g).tolist()
         start, self._skip = self._skip, 0
         for position in range(start + self.rank, self.usable, self.num_replicas):
-            if self.seed_transforms:
-                seed_host_generators(position_seed(self.seed, self.epoch, position))
-            yield order[position]
+            index = order[position]
+            yield (index, item_seed(self.seed, self.epoch, index)) if self.item_seeds else index
 
     def __len__(self) -> int:
         return len(range(self.rank, self.usable, self.num_replicas))
