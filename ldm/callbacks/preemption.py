@@ -97,7 +97,10 @@ class PreemptionCheckpoint(pl.Callback):
         if not self.stopped:
             return
         if trainer.is_global_zero and self.snapshot_path.exists():
-            os.replace(self.snapshot_path, self.ckpt_path)
+            if self.ckpt_path.exists() and os.path.samefile(self.snapshot_path, self.ckpt_path):
+                self.snapshot_path.unlink()  # nothing saved over it (and a rename onto itself does nothing)
+            else:
+                os.replace(self.snapshot_path, self.ckpt_path)
             if self.requeue and self.received == signal.SIGUSR1:
                 requeue_job(self.requeue)
         trainer.strategy.barrier("PreemptionCheckpoint")
