@@ -27,7 +27,8 @@ class NonFiniteGuard(pl.Callback):
     NaN/Inf, every gradient is set to None, so the optimiser changes neither weights nor moments. The running
     total is logged as ``train/nonfinite_skipped``. A batch counts as bad when any of its steps was skipped;
     after `max_consecutive` bad batches in a row a :class:`NonFiniteTrainingError` is raised: the weights are
-    still those of the last good step, so the exception checkpoint is a good one.
+    still those of the last good step, so the exception checkpoint is a good one. With several processes the ranks
+    decide together: a step is skipped on every rank when any rank found a non-finite value.
     """
 
     def __init__(self, max_consecutive: int = DEFAULT_MAX_CONSECUTIVE_NONFINITE) -> None:
@@ -59,10 +60,12 @@ class NonFiniteGuard(pl.Callback):
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             params = []  # fp16 loss scaling: the scaler skips steps with inf gradients itself and lowers its scale
         grads_finite = not params or bool(torch.stack([torch.isfinite(p.grad).all() for p in params]).all())
-        if loss_finite and grads_finite:
+        # every rank skips when any rank's loss or gradients are not finite (else their weights would part)
+        if trainer.strategy.reduce_boolean_decision(loss_finite and grads_finite, all=True):
             return
         self._last_bad = ["loss"] if not loss_finite else []
         self._last_bad += [self._names.get(id(p), "?") for p in params if not torch.isfinite(p.grad).all()]
+        self._last_bad = self._last_bad or ["loss or gradients on another rank"]
         for group in optimizer.param_groups:
             for p in group["params"]:
                 p.grad = None
