@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 from typing import Any, Mapping
 
 import torch
@@ -88,7 +89,8 @@ def launcher_processes(environ: Mapping[str, str] | None = None) -> tuple[str, i
     if "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
         ntasks = int(env["SLURM_NTASKS"])
         nodes = int(env.get("SLURM_NNODES", 1))
-        per_node = int(env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0] or max(1, ntasks // nodes))
+        given = re.match(r"\d+", env.get("SLURM_NTASKS_PER_NODE", ""))
+        per_node = int(given.group()) if given else max(1, ntasks // nodes)
         return ("srun", per_node, nodes) if ntasks > 1 else None
     return None
 

@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import sys
+import warnings
 from typing import Any, Sequence
 
 import pytorch_lightning as pl
@@ -165,7 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         run, config, model, data, trainer = build(opt, unknown, now, argv)
         if opt.train:
             ckpt = str(run.resume_ckpt) if run.resume_ckpt else None
-            trainer.fit(model, data, ckpt_path=ckpt, weights_only=True)
+            with warnings.catch_warnings():
+                # a split without a config has an empty loader ("no loader" to Lightning), which Lightning warns about
+                warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
+                trainer.fit(model, data, ckpt_path=ckpt, weights_only=True)
         if not opt.no_test and not trainer.interrupted and not preempted(trainer):
             if _has_split(data, "test"):
                 trainer.test(model, data)
