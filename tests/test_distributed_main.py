@@ -92,7 +92,9 @@ def ranks(dir: Path) -> list[dict]:
 
 
 def only_run(logs: Path) -> Path:
-    (logdir,) = [d for d in logs.iterdir() if d.is_dir()]
+    """The run's log dir (rank zero's: every rank of a torchrun or srun launch names the run by its own clock, and
+    only rank zero writes)."""
+    (logdir,) = [d for d in logs.iterdir() if (d / "configs").is_dir()]
     return logdir
 
 
