@@ -4,7 +4,9 @@ re-queue and resume, and the learning-rate rule at a world size. (tests/test_dis
 real on two processes.)"""
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -290,6 +292,23 @@ def test_preemption_requeues_on_sigusr1_only(tmp_path, signum, requeued):
     assert slurm_requeue_command({"SLURM_JOB_ID": "17", "SLURM_ARRAY_JOB_ID": "9", "SLURM_ARRAY_TASK_ID": "2"}) == [
         "scontrol", "requeue", "9_2"]
     assert slurm_requeue_command({}) is None
+
+
+def test_the_same_signal_twice_before_the_save_ends_a_stuck_process(tmp_path):
+    """A run stuck in a collective never reaches the step end where the checkpoint is saved: a second SIGTERM ends
+    it (the first only asks for the checkpoint)."""
+    script = ("import os, signal, time\n"
+              "from ldm.callbacks.preemption import PreemptionCheckpoint\n"
+              "cb = PreemptionCheckpoint('unused.ckpt')\n"
+              "signal.signal(signal.SIGTERM, cb._handle)\n"
+              "os.kill(os.getpid(), signal.SIGTERM)\n"
+              "print('asked', cb.requested == signal.SIGTERM, flush=True)\n"
+              "os.kill(os.getpid(), signal.SIGTERM)\n"
+              "time.sleep(30)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == -signal.SIGTERM and "asked True" in proc.stdout
+    assert "received SIGTERM again before the checkpoint could be saved" in proc.stderr
 
 
 def test_a_requeued_slurm_job_resumes_the_run_its_command_started(tmp_path):

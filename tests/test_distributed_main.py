@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -46,11 +47,28 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def run(command: list[str], log: Path, environ: dict[str, str] | None = None) -> None:
+def start(command: list[str], log: Path, environ: dict[str, str] | None = None) -> subprocess.Popen:
+    """Starts `command` in its own process group (so that a hung run is ended with every process it started)."""
     with open(log, "w") as out:
-        proc = subprocess.run(command, cwd=ROOT, env=environ or env(), stdout=out, stderr=subprocess.STDOUT,
-                              timeout=TIMEOUT)
-    assert proc.returncode == 0, log.read_text()[-4000:]
+        return subprocess.Popen(command, cwd=ROOT, env=environ or env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def finish(proc: subprocess.Popen) -> int:
+    try:
+        return proc.wait(timeout=TIMEOUT)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group (nothing, after a clean exit)
+        except ProcessLookupError:
+            pass
+
+
+def run(command: list[str], log: Path, environ: dict[str, str] | None = None, expect_ok: bool = True) -> int:
+    rc = finish(start(command, log, environ))
+    if expect_ok:
+        assert rc == 0, log.read_text()[-4000:]
+    return rc
 
 
 def main_py(*args: str) -> list[str]:
@@ -69,21 +87,15 @@ def free_port() -> int:
 
 def srun(command: list[str], log: Path) -> None:
     """Runs `command` as two tasks of a one-node SLURM job, with the variables ``srun --ntasks-per-node=2`` sets."""
-    procs, port = [], str(free_port())
+    port = str(free_port())
+    procs = []
     for rank in range(2):
         environ = {**env(), "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "ldm-test", "SLURM_NTASKS": "2",
                    "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_PROCID": str(rank),
                    "SLURM_LOCALID": str(rank), "SLURM_NODELIST": "127.0.0.1", "MASTER_PORT": port}
-        out = open(log.with_suffix(f".rank{rank}.txt"), "w")
-        procs.append((subprocess.Popen(command, cwd=ROOT, env=environ, stdout=out, stderr=subprocess.STDOUT), out))
-    for proc, out in procs:
-        try:
-            rc = proc.wait(timeout=TIMEOUT)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            out.close()
-        assert rc == 0, Path(out.name).read_text()[-4000:]
+        procs.append(start(command, log.with_suffix(f".rank{rank}.txt"), environ))
+    for rank, proc in enumerate(procs):
+        assert finish(proc) == 0, log.with_suffix(f".rank{rank}.txt").read_text()[-4000:]
 
 
 def ranks(dir: Path) -> list[dict]:
@@ -264,12 +276,34 @@ def test_one_failing_rank_ends_the_run_with_an_emergency_checkpoint_and_no_hang(
     writes last.ckpt (the state after step 3's predecessor, i.e. 3 steps) without waiting at a barrier, and the run
     exits with an error instead of hanging."""
     logs = tmp_path / "logs"
-    with open(tmp_path / "out.txt", "w") as out:
-        proc = subprocess.run(main_py("--base", str(TOY), "-t", "-l", str(logs), *LIGHTNING_DDP,
-                                      "model.target=tests.helpers.distributed.RankFailingToyModel",
-                                      "model.params.fail_at_step=3", "lightning.trainer.max_steps=100"),
-                              cwd=ROOT, env=env(), stdout=out, stderr=subprocess.STDOUT, timeout=TIMEOUT)
+    rc = run(main_py("--base", str(TOY), "-t", "-l", str(logs), *LIGHTNING_DDP,
+                     "model.target=tests.helpers.distributed.RankFailingToyModel", "model.params.fail_at_step=3",
+                     "lightning.trainer.max_steps=100"), tmp_path / "out.txt", expect_ok=False)
     output = (tmp_path / "out.txt").read_text()
-    assert proc.returncode != 0 and "toy failure on rank 1 at step 3" in output
+    assert rc != 0 and "toy failure on rank 1 at step 3" in output
     ckpt = load_checkpoint(only_run(logs) / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 3 and "saved checkpoint at global step 3" in output
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT)
+def test_webdataset_parts_of_unequal_length_end_the_epoch_together(tmp_path):
+    """Three shards of 5 samples over two ranks (torchrun): rank 0 reads 10 samples (5 batches), rank 1 reads 5 (3).
+    Both train 3 steps per epoch and the run ends after its 2 epochs (a rank running ahead into the next epoch would
+    pair its gradient all-reduces with another rank's steps, and the run would hang at its end)."""
+    from test_data_webdataset import write_shard
+
+    for s in range(3):
+        write_shard(tmp_path / f"shard-{s}.tar", [f"s{s}_{i:03d}" for i in range(5)])
+    config = OmegaConf.load(STAGE1)
+    config.model.target = "ldm.models.autoencoder.AutoencoderKL"
+    config.data.params.train = {"target": "ldm.data.webdataset.WebImageCaptionDataset",
+                                "params": {"urls": f"{tmp_path}/shard-{{0..2}}.tar", "size": 16}}
+    OmegaConf.save(config, tmp_path / "stream.yaml")
+    logs = tmp_path / "logs"
+    run(torchrun("--base", str(tmp_path / "stream.yaml"), "-t", "-l", str(logs), *TWO_CPU,
+                 "lightning.callbacks.image_logger=null", "lightning.trainer.max_steps=-1",
+                 "lightning.trainer.max_epochs=2"), tmp_path / "out.txt")
+    with open(next(only_run(logs).glob("csv/version_*/metrics.csv"))) as f:
+        steps = [(int(r["epoch"]), int(r["step"])) for r in csv.DictReader(f) if r.get("train/aeloss_step")]
+    assert steps == [(0, 0), (0, 1), (0, 2), (1, 3), (1, 4), (1, 5)]

@@ -27,9 +27,11 @@ class PreemptionCheckpoint(pl.Callback):
     where EMA weights are updated) every rank learns whether any rank got the signal, and all of them save through
     ``trainer.save_checkpoint`` (with optimiser, scheduler and loop state, so ``-r`` resumes it); then
     ``trainer.should_stop`` ends the run, which exits normally. So with several processes every rank stops at the
-    same step, whichever rank the signal reached. The handlers are installed when training starts (after
-    Lightning's own) and the previous ones restored after; a previous SIGUSR1 handler is still called, a previous
-    SIGTERM handler is not (Lightning's would end the run with an error before the checkpoint is written).
+    same step, whichever rank the signal reached. The same signal a second time before the save ends the process
+    (a run stuck in a collective never reaches the end of its step). The handlers are installed when training
+    starts (after Lightning's own) and the previous ones restored after; a previous SIGUSR1 handler is still called,
+    a previous SIGTERM handler is not (Lightning's would end the run with an error before the checkpoint is
+    written).
 
     :param ckpt_path: where to save (the run's ``last.ckpt``, which ``main.py -r <logdir>`` resumes).
     :param signals: the signals to handle (names or numbers).
@@ -55,6 +57,12 @@ class PreemptionCheckpoint(pl.Callback):
         return self.ckpt_path.with_name(self.ckpt_path.name + ".preempted")
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested == signum:  # the same signal again before the save: the run may be stuck, so end it
+            logger.error("received %s again before the checkpoint could be saved: ending the process",
+                         signal.Signals(signum).name)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         self.requested = signum
         previous = self._previous.get(signum)
         if signum != signal.SIGTERM and callable(previous):
