@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 FSDP_NAMES = ("fsdp", "fsdp_cpu_offload")
 # the ``lightning.fsdp`` keys and what they become
 FSDP_OPTIONS = ("activation_checkpointing", "sharding_strategy", "cpu_offload")
+# HYBRID_SHARD needs a device mesh, which a config cannot give
+SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
 
 
 def valid_strategies() -> list[str]:
@@ -237,6 +239,9 @@ class UNetFSDPStrategy(FSDPStrategy):
         """
         if unknown:
             raise ConfigError(f"unknown lightning.fsdp key(s): {', '.join(unknown)}; valid: {', '.join(FSDP_OPTIONS)}")
+        if str(sharding_strategy).upper() not in SHARDING_STRATEGIES:
+            raise ConfigError(f"lightning.fsdp.sharding_strategy: unknown '{sharding_strategy}'; choose one of: "
+                              f"{', '.join(SHARDING_STRATEGIES)}")
         check_fsdp_model(model)
         frozen = []
         for name in ("first_stage_model", "cond_stage_model"):
@@ -245,7 +250,7 @@ class UNetFSDPStrategy(FSDPStrategy):
                 if all(module is not m for m in frozen):
                     frozen.append(module)
         return cls(unet_blocks(model), ignored=frozen, activation_checkpointing=activation_checkpointing,
-                   sharding_strategy=sharding_strategy, cpu_offload=cpu_offload)
+                   sharding_strategy=str(sharding_strategy).upper(), cpu_offload=cpu_offload)
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import FullyShardedDataParallel

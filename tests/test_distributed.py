@@ -250,6 +250,8 @@ def test_fsdp_strategy_wraps_unet_blocks_and_leaves_frozen_stages_out():
     assert trainer.strategy.mixed_precision_config.param_dtype == torch.bfloat16
     with pytest.raises(ConfigError, match="unknown lightning.fsdp key.*activation_checkpointng"):
         distributed_arguments({"strategy": "fsdp"}, model, OmegaConf.create({"fsdp": {"activation_checkpointng": 1}}))
+    with pytest.raises(ConfigError, match="lightning.fsdp.sharding_strategy: unknown 'HYBRID'; choose one of: FULL"):
+        distributed_arguments({"strategy": "fsdp"}, model, OmegaConf.create({"fsdp": {"sharding_strategy": "HYBRID"}}))
     with pytest.raises(ConfigError, match="lightning.fsdp is set but lightning.trainer.strategy is 'ddp'"):
         distributed_arguments({"strategy": "ddp"}, model, OmegaConf.create({"fsdp": {"cpu_offload": True}}))
 
@@ -294,6 +296,7 @@ def test_preemption_requeues_on_sigusr1_only(tmp_path, signum, requeued):
     assert slurm_requeue_command({}) is None
 
 
+@pytest.mark.slow
 def test_the_same_signal_twice_before_the_save_ends_a_stuck_process(tmp_path):
     """A run stuck in a collective never reaches the step end where the checkpoint is saved: a second SIGTERM ends
     it (the first only asks for the checkpoint)."""
