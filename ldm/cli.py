@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import difflib
 import glob
+import hashlib
 import inspect
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -193,12 +195,14 @@ def merge_configs(paths: Sequence[str | Path], dotlist: Sequence[str] = ()) -> D
 
 @dataclass
 class RunPaths:
-    """Where a run logs. `resume_ckpt` is the checkpoint to resume from (None for a new run)."""
+    """Where a run logs. `resume_ckpt` is the checkpoint to resume from (None for a new run); `job_marker` is the
+    file where a run inside a SLURM job records its log dir, so that the job, re-queued, resumes it."""
 
     logdir: Path
     nowname: str
     base: list[str]
     resume_ckpt: Path | None = None
+    job_marker: Path | None = None
     ckptdir: Path = field(init=False)
     cfgdir: Path = field(init=False)
 
@@ -207,27 +211,47 @@ class RunPaths:
         self.cfgdir = self.logdir / "configs"
 
 
-def resolve_run(opt: argparse.Namespace, now: str) -> RunPaths:
+def slurm_job_marker(opt: argparse.Namespace, argv: Sequence[str],
+                     environ: Mapping[str, str] | None = None) -> tuple[Path, bool] | None:
+    """(marker file, whether the job was re-queued) for a ``main.py`` command inside a SLURM job, else None.
+
+    The marker is ``<logdir>/.slurm_runs/<job id>-<digest of the command line>``: a re-queued job runs its script
+    again with the same job id and the same commands, and each command finds its own run (a script that trains
+    stage one and then stage two has two markers).
+    """
+    env = os.environ if environ is None else environ
+    job = env.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    digest = hashlib.sha1("\0".join(argv).encode()).hexdigest()[:12]
+    return Path(opt.logdir) / ".slurm_runs" / f"{job}-{digest}", int(env.get("SLURM_RESTART_COUNT", 0) or 0) > 0
+
+
+def resolve_run(opt: argparse.Namespace, now: str, argv: Sequence[str] = (),
+                environ: Mapping[str, str] | None = None) -> RunPaths:
     """The run directory, name, configs and checkpoint for the parsed flags, as the original decided them.
 
     ``-r <logdir>`` resumes ``<logdir>/checkpoints/last.ckpt``; ``-r <ckpt>`` resumes that file, whose log dir is
     two levels up. A resumed run re-reads ``<logdir>/configs/*.yaml`` before the ``-b`` configs. A new run is
-    ``<logdir>/<now>_<name>`` with `name` from ``-n``, else the first config's file name plus ``-f``.
+    ``<logdir>/<now>_<name>`` with `name` from ``-n``, else the first config's file name plus ``-f``. Inside a SLURM
+    job that was re-queued (``SLURM_RESTART_COUNT`` > 0), the same command line resumes the run it started before
+    the job was re-queued, if that run has a ``last.ckpt`` (see :func:`slurm_job_marker`).
+
+    :param argv: the command line (identifies the command within a SLURM job).
     """
     if opt.name and opt.resume:
         raise ConfigError("-n/--name and -r/--resume cannot be given together: a resumed run keeps its log dir")
+    found = slurm_job_marker(opt, argv, environ)
+    marker = found[0] if found else None
     if opt.resume:
-        resume = Path(opt.resume)
-        if resume.is_file():
-            logdir, ckpt = resume.parent.parent, resume
-        elif resume.is_dir():
-            logdir, ckpt = resume, resume / "checkpoints" / "last.ckpt"
-        else:
-            raise ConfigError(f"-r/--resume: no such log dir or checkpoint: {opt.resume}")
-        if not ckpt.is_file():
-            raise ConfigError(f"-r/--resume: {logdir} has no checkpoint {ckpt}")
-        saved = sorted(glob.glob(str(logdir / "configs" / "*.yaml")))
-        return RunPaths(logdir=logdir, nowname=logdir.name, base=saved + list(opt.base), resume_ckpt=ckpt)
+        return _resumed_run(Path(opt.resume), opt.base, marker)
+    if found and found[1] and marker.is_file():
+        logdir = Path(marker.read_text().strip())
+        if (logdir / "checkpoints" / "last.ckpt").is_file():
+            logger.warning("this SLURM job was re-queued: resuming %s", logdir)
+            return _resumed_run(logdir, opt.base, marker)
     if opt.name:
         name = "_" + opt.name
     elif opt.base:
@@ -235,7 +259,20 @@ def resolve_run(opt: argparse.Namespace, now: str) -> RunPaths:
     else:
         name = ""
     nowname = now + name + opt.postfix
-    return RunPaths(logdir=Path(opt.logdir) / nowname, nowname=nowname, base=list(opt.base))
+    return RunPaths(logdir=Path(opt.logdir) / nowname, nowname=nowname, base=list(opt.base), job_marker=marker)
+
+
+def _resumed_run(resume: Path, base: Sequence[str], marker: Path | None) -> RunPaths:
+    if resume.is_file():
+        logdir, ckpt = resume.parent.parent, resume
+    elif resume.is_dir():
+        logdir, ckpt = resume, resume / "checkpoints" / "last.ckpt"
+    else:
+        raise ConfigError(f"-r/--resume: no such log dir or checkpoint: {resume}")
+    if not ckpt.is_file():
+        raise ConfigError(f"-r/--resume: {logdir} has no checkpoint {ckpt}")
+    saved = sorted(glob.glob(str(logdir / "configs" / "*.yaml")))
+    return RunPaths(logdir=logdir, nowname=logdir.name, base=saved + list(base), resume_ckpt=ckpt, job_marker=marker)
 
 
 def trainer_arguments(trainer_config: dict[str, Any], gpus: Any = None) -> dict[str, Any]:
@@ -286,7 +323,7 @@ def trainer_arguments(trainer_config: dict[str, Any], gpus: Any = None) -> dict[
 
 def scaled_learning_rate(base_lr: float, batch_size: int, devices: int, accumulate_grad_batches: int = 1,
                          num_nodes: int = 1, scale: bool = True) -> tuple[float, str]:
-    """The original's learning-rate rule, and a sentence that reports it.
+    """The original's learning-rate rule, and a sentence that reports it (with the world size and global batch).
 
     :return: ``accumulate_grad_batches * devices * num_nodes * batch_size * base_lr`` if `scale`, else `base_lr`.
     """
@@ -295,5 +332,7 @@ def scaled_learning_rate(base_lr: float, batch_size: int, devices: int, accumula
     lr = accumulate_grad_batches * devices * num_nodes * batch_size * base_lr
     nodes = f" * {num_nodes} (nodes)" if num_nodes != 1 else ""
     return lr, (f"learning rate {lr:.2e} = {accumulate_grad_batches} (accumulate_grad_batches) * {devices} "
-                f"(devices){nodes} * {batch_size} (batch size) * {base_lr:.2e} (base_learning_rate); "
-                f"--scale_lr False to use base_learning_rate as it is")
+                f"(devices){nodes} * {batch_size} (batch size) * {base_lr:.2e} (base_learning_rate), for a world "
+                f"size of {devices * num_nodes} process(es) and a global batch of "
+                f"{accumulate_grad_batches * devices * num_nodes * batch_size}; --scale_lr False to use "
+                f"base_learning_rate as it is")

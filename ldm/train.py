@@ -6,19 +6,23 @@ import logging
 import os
 import shutil
 import sys
+import warnings
 from typing import Any, Sequence
 
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.callbacks import SetupCallback
-from ldm.callbacks.reliability import preempted, reliability_callbacks, reliability_plugins, validate_config
-from ldm.cli import (RunPaths, device_count, merge_configs, parse_cli, resolve_run,
-                     scaled_learning_rate, split_cli_args, trainer_arguments)
+from ldm.callbacks.preemption import preempted
+from ldm.callbacks.reliability import reliability_callbacks, reliability_plugins
+from ldm.cli import RunPaths, merge_configs, parse_cli, resolve_run, scaled_learning_rate, split_cli_args, trainer_arguments
+from ldm.config_checks import validate_config
+from ldm.strategies import check_strategy, distributed_arguments
 from ldm.util import as_list, config_source, instantiate_from_config
 
 logger = logging.getLogger("main")
+
+RUN_TIME_ENV = "LDM_RUN_TIME"
 
 DEFAULT_LOGGERS = {
     "pytorch_lightning.loggers.CSVLogger": {"name": "csv"},
@@ -73,27 +77,39 @@ def callbacks_config(lightning_config: DictConfig, run: RunPaths, model: Any) ->
     return OmegaConf.merge(defaults, user)
 
 
-def configure_learning_rate(model: Any, config: DictConfig, trainer_kwargs: dict[str, Any], scale: bool) -> float:
-    """Sets ``model.learning_rate`` from ``model.base_learning_rate`` by the original's rule; logs the rule."""
+def configure_learning_rate(model: Any, config: DictConfig, trainer: pl.Trainer, scale: bool) -> float:
+    """Sets ``model.learning_rate`` from ``model.base_learning_rate`` by the original's rule, with the devices,
+    nodes and gradient accumulation of `trainer` (so the world size is the one the run uses, including under
+    torchrun and SLURM); logs the rule and the world size."""
     base_lr = config.model.get("base_learning_rate", None)
     if base_lr is None:
         logger.info("model.base_learning_rate not set; leaving the model's learning rate as it is")
         return getattr(model, "learning_rate", float("nan"))
-    available = torch.cuda.device_count() if trainer_kwargs.get("accelerator") == "gpu" else os.cpu_count() or 1
     lr, message = scaled_learning_rate(
-        base_lr=float(base_lr), batch_size=int(config.data.params.batch_size),
-        devices=device_count(trainer_kwargs.get("devices"), available=available),
-        accumulate_grad_batches=int(trainer_kwargs.get("accumulate_grad_batches", 1)),
-        num_nodes=int(trainer_kwargs.get("num_nodes", 1)), scale=scale)
+        base_lr=float(base_lr), batch_size=int(config.data.params.batch_size), devices=trainer.num_devices,
+        accumulate_grad_batches=trainer.accumulate_grad_batches, num_nodes=trainer.num_nodes, scale=scale)
     model.learning_rate = lr
-    logger.info(message)
+    if trainer.is_global_zero:
+        logger.info(message)
     return lr
 
 
-def build(opt: Any, unknown: Sequence[str], now: str) -> tuple[RunPaths, DictConfig, Any, Any, pl.Trainer]:
-    """Everything a run needs: its paths, the merged config, the model, the data module, the trainer."""
+def devices_key(opt: Any, trainer_config: DictConfig) -> str:
+    """The setting that chose the devices, for error messages."""
+    if opt.gpus is not None:
+        return "--gpus"
+    return "lightning.trainer.gpus" if "gpus" in trainer_config else "lightning.trainer.devices"
+
+
+def build(opt: Any, unknown: Sequence[str], now: str,
+          argv: Sequence[str] = ()) -> tuple[RunPaths, DictConfig, Any, Any, pl.Trainer]:
+    """Everything a run needs: its paths, the merged config, the model, the data module, the trainer.
+
+    Every check of the config (values, strategy, devices, whether FSDP can wrap the model) runs here, in the
+    process that ``main.py`` started, before Lightning starts any other process.
+    """
     dotlist, trainer_overrides = split_cli_args(unknown)
-    run = resolve_run(opt, now)
+    run = resolve_run(opt, now, argv)
     config = merge_configs(run.base, dotlist)
     lightning_config = config.pop("lightning", OmegaConf.create())
     trainer_config = OmegaConf.merge(lightning_config.get("trainer", None) or {}, trainer_overrides)
@@ -102,12 +118,15 @@ def build(opt: Any, unknown: Sequence[str], now: str) -> tuple[RunPaths, DictCon
     lightning_config.trainer = trainer_config
     validate_config(config, lightning_config)
     trainer_kwargs = trainer_arguments(OmegaConf.to_container(trainer_config), gpus=opt.gpus)
+    check_strategy(trainer_kwargs.get("strategy", "auto"))
     with config_source(*run.base):
         model = instantiate_from_config(config.model)
         data = instantiate_from_config(config.data)
-        configure_learning_rate(model, config, trainer_kwargs, opt.scale_lr)
+        trainer_kwargs = distributed_arguments(trainer_kwargs, model, lightning_config,
+                                               devices_key(opt, trainer_config))
         callbacks = [SetupCallback(resume=opt.resume, now=now, logdir=str(run.logdir), ckptdir=str(run.ckptdir),
-                                   cfgdir=str(run.cfgdir), config=config, lightning_config=lightning_config)]
+                                   cfgdir=str(run.cfgdir), config=config, lightning_config=lightning_config,
+                                   job_marker=str(run.job_marker) if run.job_marker else None)]
         callbacks_cfg = callbacks_config(lightning_config, run, model)
         callbacks += [instantiate_from_config(c) for c in callbacks_cfg.values() if c is not None]
         callbacks += reliability_callbacks(lightning_config, run.ckptdir)
@@ -115,7 +134,18 @@ def build(opt: Any, unknown: Sequence[str], now: str) -> tuple[RunPaths, DictCon
     plugins = [*as_list(trainer_kwargs.pop("plugins", None) or []), *reliability_plugins(lightning_config)]
     trainer = pl.Trainer(**trainer_kwargs, plugins=plugins, logger=trainer_logger, callbacks=callbacks,
                          default_root_dir=str(run.logdir))
+    configure_learning_rate(model, config, trainer, opt.scale_lr)
     return run, config, model, data, trainer
+
+
+def run_time() -> str:
+    """The run's time stamp (it names the log dir). The processes that Lightning's launcher starts for the other
+    devices (``LOCAL_RANK`` > 0) take the first process's, which it leaves in the environment they inherit."""
+    if os.environ.get("LOCAL_RANK", "0") != "0" and RUN_TIME_ENV in os.environ:
+        return os.environ[RUN_TIME_ENV]
+    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    os.environ[RUN_TIME_ENV] = now
+    return now
 
 
 def _has_split(data: Any, split: str) -> bool:
@@ -125,7 +155,7 @@ def _has_split(data: Any, split: str) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``main.py`` with `argv` (default: ``sys.argv[1:]``); returns the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    now = run_time()
     argv = sys.argv[1:] if argv is None else argv
     opt, unknown = parse_cli(argv)
     if opt.project:
@@ -133,10 +163,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     pl.seed_everything(opt.seed)
     run, trainer = None, None
     try:
-        run, config, model, data, trainer = build(opt, unknown, now)
+        run, config, model, data, trainer = build(opt, unknown, now, argv)
         if opt.train:
             ckpt = str(run.resume_ckpt) if run.resume_ckpt else None
-            trainer.fit(model, data, ckpt_path=ckpt, weights_only=True)
+            with warnings.catch_warnings():
+                # a split without a config has an empty loader ("no loader" to Lightning), which Lightning warns about
+                warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
+                trainer.fit(model, data, ckpt_path=ckpt, weights_only=True)
         if not opt.no_test and not trainer.interrupted and not preempted(trainer):
             if _has_split(data, "test"):
                 trainer.test(model, data)
@@ -149,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pdb.post_mortem()
         raise
     finally:
-        if opt.debug and not opt.resume and run is not None and run.logdir.exists() and (
+        if opt.debug and run is not None and run.resume_ckpt is None and run.logdir.exists() and (
                 trainer is None or trainer.global_rank == 0):
             dst = run.logdir.parent / "debug_runs" / run.logdir.name
             dst.parent.mkdir(parents=True, exist_ok=True)

@@ -8,12 +8,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from PIL import Image
-from pytorch_lightning.utilities.model_helpers import is_overridden
-from torch.utils.data import RandomSampler, SequentialSampler
+from torch.utils.data import SequentialSampler
 
 from ldm.callbacks import EmergencyCheckpoint, ImageLogger
 from ldm.callbacks.image_logger import image_grid
 from ldm.checkpoint import load_checkpoint
+from ldm.data.sampler import ResumableSampler
 from main import DataModuleFromConfig, WrappedDataset
 from tests.helpers.toy import ToyModel
 
@@ -91,17 +91,24 @@ def test_no_emergency_checkpoint_before_the_first_step(tmp_path):
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 
-def test_datamodule_defines_loaders_only_for_configured_splits():
+def test_datamodule_gives_loaders_only_for_configured_splits(tmp_path):
     data = DataModuleFromConfig(batch_size=4, train=TOY_DATA, test={**TOY_DATA, "params": {"size": 6}})
     assert data.num_workers == 8  # 2 * batch_size, as in the original
-    assert is_overridden("train_dataloader", data) and is_overridden("test_dataloader", data)
-    assert not is_overridden("val_dataloader", data) and not is_overridden("predict_dataloader", data)
     data.num_workers = 0
     data.setup()
+    assert data.val_dataloader() == [] and data.predict_dataloader() == []
     train, test = data.train_dataloader(), data.test_dataloader()
-    assert isinstance(train.sampler, RandomSampler) and isinstance(test.sampler, SequentialSampler)
+    assert isinstance(train.sampler, ResumableSampler) and isinstance(test.sampler, SequentialSampler)
     assert [b["image"].shape[0] for b in test] == [4, 2]
     assert next(iter(train))["image"].shape == (4, 3, 8, 8)
+    # no validation config: Lightning runs no validation (ToyModel's validation_step would log val/loss)
+    trainer = _trainer(tmp_path, [], max_steps=4, val_check_interval=2, check_val_every_n_epoch=None)
+    trainer.fit(ToyModel(), data)
+    assert trainer.global_step == 4 and "val/loss" not in trainer.callback_metrics
+    with_val = DataModuleFromConfig(batch_size=4, train=TOY_DATA, validation=TOY_DATA, num_workers=0)
+    trainer = _trainer(tmp_path, [], max_steps=4, val_check_interval=2, check_val_every_n_epoch=None)
+    trainer.fit(ToyModel(), with_val)
+    assert "val/loss" in trainer.callback_metrics
 
 
 def test_datamodule_wraps_and_never_shuffles_iterable_datasets():

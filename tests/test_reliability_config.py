@@ -7,8 +7,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ldm.callbacks.reliability import (AtomicCheckpointIO, NonFiniteGuard, PreemptionCheckpoint, ResumableSampler,
-                                       reliability_callbacks, reliability_plugins, validate_config)
+from ldm.callbacks.checkpoint_io import AtomicCheckpointIO
+from ldm.callbacks.nonfinite import NonFiniteGuard
+from ldm.callbacks.preemption import PreemptionCheckpoint
+from ldm.callbacks.reliability import reliability_callbacks, reliability_plugins
+from ldm.config_checks import validate_config
+from ldm.data.sampler import ResumableSampler
 from ldm.checkpoint import UnsafeCheckpointError, load_state_dict
 from ldm.util import ConfigError
 from tests.helpers.paths import REFERENCE_CONFIGS

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Subset
 
-from ldm.callbacks.reliability import ResumableSampler
+from ldm.data.sampler import ItemSeededDataset, ResumableSampler
 from ldm.checkpoint import load_checkpoint
 from ldm.util import instantiate_from_config
 from tests.test_reliability_resume import _train, assert_same_training_state
@@ -33,7 +33,9 @@ def _emoji_loader() -> DataLoader:
     from ldm.data.emoji import EmojiDataset
 
     data = Subset(EmojiDataset(size=16, split="train", max_classes=4), range(N_ITEMS))
-    return DataLoader(data, batch_size=BATCH, sampler=ResumableSampler(N_ITEMS, seed=5), num_workers=0)
+    # the emoji's random augmentation is seeded per item, as main.py's data module does
+    return DataLoader(ItemSeededDataset(data), batch_size=BATCH, num_workers=0,
+                      sampler=ResumableSampler(N_ITEMS, seed=5, item_seeds=True))
 
 
 @pytest.mark.slow

@@ -20,9 +20,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm.callbacks.reliability import (AtomicCheckpointIO, NonFiniteGuard, NonFiniteTrainingError,  # noqa: E402
-                                       PreemptionCheckpoint, ResumableSampler, ResumeDataOrder, StepSeeding,
-                                       reliability_plugins)
+from ldm.callbacks.checkpoint_io import AtomicCheckpointIO  # noqa: E402
+from ldm.callbacks.data_order import ResumeDataOrder  # noqa: E402
+from ldm.callbacks.nonfinite import NonFiniteGuard, NonFiniteTrainingError  # noqa: E402
+from ldm.callbacks.preemption import PreemptionCheckpoint  # noqa: E402
+from ldm.callbacks.reliability import reliability_plugins  # noqa: E402
+from ldm.callbacks.seeding import StepSeeding  # noqa: E402
+from ldm.data.sampler import ResumableSampler  # noqa: E402
 from ldm.checkpoint import load_checkpoint  # noqa: E402
 
 N_SAMPLES, BATCH = 40, 4  # 10 batches per epoch

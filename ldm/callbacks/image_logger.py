@@ -1,10 +1,11 @@
 """`ImageLogger`: writes the model's `log_images` as PNG grids to disk and to the experiment logger."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import pytorch_lightning as pl
@@ -12,6 +13,7 @@ import torch
 import torchvision
 from PIL import Image
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.strategies import FSDPStrategy
 
 logger = logging.getLogger(__name__)
 
@@ -29,12 +31,26 @@ def image_grid(images: torch.Tensor, nrow: int = 4, rescale: bool = True) -> np.
     return (grid.numpy() * 255).round().astype(np.uint8)
 
 
+@contextlib.contextmanager
+def _whole_model(trainer: pl.Trainer, sharded: bool) -> Iterator[None]:
+    """Under FSDP, gathers the root unit's parameters for a call outside the training step (the UNet's blocks
+    gather their own when called); every rank must take part. Elsewhere, nothing."""
+    if not sharded:
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False, recurse=False):
+        yield
+
+
 class ImageLogger(Callback):
     """Every `batch_frequency` steps, calls ``pl_module.log_images(batch, split=..., **log_images_kwargs)``,
     which returns a dict of [N x C x H x W] Tensors in [-1, 1], and writes each entry as
     ``<root>/images/<split>/<key>_gs-<step>_e-<epoch>_b-<batch>.png`` (root: the trainer's
     ``default_root_dir``, the run's log dir under ``main.py``), and to every logger that takes images
-    (TensorBoard's ``add_image``, W&B's ``log_image``).
+    (TensorBoard's ``add_image``, W&B's ``log_image``). Only rank zero logs; under FSDP, whose ranks each hold a
+    shard of the model, every rank computes the images (with the model gathered) and rank zero writes them.
 
     :param batch_frequency: log every this many steps (global steps, or batch indices if `log_on_batch_idx`).
     :param max_images: at most this many images of each entry; 0 disables logging.
@@ -100,18 +116,21 @@ class ImageLogger(Callback):
                 split: str = "train") -> None:
         """Calls `log_images` and writes the result, when this step is one to log at."""
         check_idx = batch_idx if self.log_on_batch_idx else trainer.global_step
+        sharded = isinstance(trainer.strategy, FSDPStrategy)
         if (self.disabled or self.max_images <= 0 or not callable(getattr(pl_module, "log_images", None))
-                or not trainer.is_global_zero or self._last_logged.get(split) == check_idx
+                or not (trainer.is_global_zero or sharded) or self._last_logged.get(split) == check_idx
                 or not self.check_frequency(check_idx)):
             return
         self._last_logged[split] = check_idx
         was_training = pl_module.training
         pl_module.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _whole_model(trainer, sharded):
                 images = pl_module.log_images(batch, split=split, **self.log_images_kwargs)
         finally:
             pl_module.train(was_training)
+        if not trainer.is_global_zero:
+            return
         selected = {}
         for key, value in images.items():
             if not isinstance(value, torch.Tensor) or value.ndim != 4:

@@ -22,10 +22,11 @@ class SetupCallback(Callback):
     :param logdir, ckptdir, cfgdir: the run's directories.
     :param config: the merged config, without its ``lightning`` section.
     :param lightning_config: the ``lightning`` section as the trainer used it.
+    :param job_marker: a file in which to record the log dir (see :func:`ldm.cli.slurm_job_marker`), or None.
     """
 
     def __init__(self, resume: str, now: str, logdir: str, ckptdir: str, cfgdir: str, config: DictConfig,
-                 lightning_config: DictConfig) -> None:
+                 lightning_config: DictConfig, job_marker: str | None = None) -> None:
         super().__init__()
         self.resume = resume
         self.now = now
@@ -34,6 +35,7 @@ class SetupCallback(Callback):
         self.cfgdir = Path(cfgdir)
         self.config = config
         self.lightning_config = lightning_config
+        self.job_marker = Path(job_marker) if job_marker else None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.global_rank == 0:
@@ -51,3 +53,6 @@ class SetupCallback(Callback):
         OmegaConf.save(OmegaConf.create({"lightning": self.lightning_config}),
                        self.cfgdir / f"{self.now}-lightning.yaml")
         logger.info("project config saved to %s:\n%s", project, OmegaConf.to_yaml(self.config))
+        if self.job_marker is not None:
+            self.job_marker.parent.mkdir(parents=True, exist_ok=True)
+            self.job_marker.write_text(f"{self.logdir.resolve()}\n")

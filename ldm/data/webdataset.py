@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from braceexpand import braceexpand
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ldm.data.base import Interpolation, SquareCrop, UnusableImage, open_image, to_model_image
+from ldm.distributed import rank_and_world_size
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +34,6 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
     """Shard URLs from brace patterns; a string may join several patterns with "::" as webdataset does."""
     patterns = urls.split("::") if isinstance(urls, str) else list(urls)
     return [u for pattern in patterns for u in braceexpand(pattern)]
-
-
-def rank_and_world_size() -> tuple[int, int]:
-    """This process's rank and the world size: torch.distributed if initialised, else RANK/WORLD_SIZE."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def consumer_index() -> tuple[int, int]:

@@ -16,7 +16,7 @@ import contextvars
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.checkpoint import load_state_dict
+from ldm.distributed import average_gradients, broadcast_
 from ldm.modules.diffusionmodules.model import Decoder, Encoder, split_ddconfig
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.losses.adversarial import LossStep
@@ -85,6 +86,7 @@ class FirstStageModel(pl.LightningModule):
         if monitor is not None:
             self.monitor = monitor
         self.register_load_state_dict_pre_hook(_drop_foreign_loss_keys)
+        self._keep_discriminator_out_of_ddp()
 
     @property
     def downsampling_factor(self) -> int:
@@ -174,25 +176,55 @@ class FirstStageModel(pl.LightningModule):
         opt_disc = torch.optim.Adam(self.loss.discriminator.parameters(), lr=lr_d, betas=(0.5, 0.9))
         return [opt_ae, opt_disc]
 
-    def _optimizer_step(self, optimizer: Any, loss: torch.Tensor) -> None:
+    # --- training under DDP ---------------------------------------------------------------------------------------
+    # A batch takes two steps, each with its own backward: the autoencoder's (which does not reach the
+    # discriminator) and the discriminator's (which does not reach the autoencoder). DDP's reducer expects every
+    # parameter it manages in every backward, so a whole-model DDP fails on the first step with "parameters that
+    # were not used in producing the loss" (find_unused_parameters=True would make it traverse the graph and
+    # all-reduce a zero gradient for the other network twice per batch). Instead the discriminator is left out of
+    # DDP: DDP averages the autoencoder's gradients during its backward as usual, and the discriminator's backward
+    # runs without DDP's sync (`toggle_model(sync_grad=False)`) and its gradients are averaged in one collective
+    # before its step. Both steps then see the gradient of the global batch, as one process would.
+
+    def _discriminator(self) -> nn.Module | None:
+        disc = getattr(self.loss, "discriminator", None)
+        return disc if isinstance(disc, nn.Module) and any(True for _ in disc.parameters()) else None
+
+    def _keep_discriminator_out_of_ddp(self) -> None:
+        """Tells DDP (when it wraps this module) to manage neither the discriminator's parameters nor its buffers."""
+        disc = self._discriminator()
+        if disc is None:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        names = [f"loss.discriminator.{n}" for n, _ in (*disc.named_parameters(), *disc.named_buffers())]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, names)
+
+    def on_train_start(self) -> None:
+        # DDP makes the autoencoder equal on every rank; the discriminator, outside it, starts from rank zero's too
+        disc = self._discriminator()
+        if disc is not None:
+            broadcast_((*disc.parameters(), *disc.buffers()), src=0)
+
+    def _optimizer_step(self, optimizer: Any, loss: torch.Tensor, parameters: Iterable[nn.Parameter] = ()) -> None:
+        """zero_grad, backward, then (for `parameters` that DDP does not manage) the average over ranks, and step."""
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
+        average_gradients(parameters)
         optimizer.step()
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x = self.get_input(batch, self.image_key)
         opt_ae, opt_disc = self.optimizers()
 
-        self.toggle_optimizer(opt_ae)
-        xrec, reg = self.reconstruct(x)
-        aeloss, log_ae = self.compute_loss(x, xrec, reg, LossStep.GENERATOR, "train")
-        self._optimizer_step(opt_ae, aeloss)
-        self.untoggle_optimizer(opt_ae)
+        with opt_ae.toggle_model():
+            xrec, reg = self.reconstruct(x)
+            aeloss, log_ae = self.compute_loss(x, xrec, reg, LossStep.GENERATOR, "train")
+            self._optimizer_step(opt_ae, aeloss)
 
-        self.toggle_optimizer(opt_disc)
-        discloss, log_disc = self.compute_loss(x, xrec.detach(), reg, LossStep.DISCRIMINATOR, "train")
-        self._optimizer_step(opt_disc, discloss)
-        self.untoggle_optimizer(opt_disc)
+        with opt_disc.toggle_model(sync_grad=False):
+            discloss, log_disc = self.compute_loss(x, xrec.detach(), reg, LossStep.DISCRIMINATOR, "train")
+            self._optimizer_step(opt_disc, discloss, parameters=self.loss.discriminator.parameters())
 
         for scheduler in self._schedulers():
             scheduler.step()

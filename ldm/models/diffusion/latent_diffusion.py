@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ldm.distributed import broadcast_, global_mean_std, is_distributed
 from ldm.models.diffusion import ancestral, first_stage, image_logging
 from ldm.models.diffusion.conditioning import (as_wrapper_kwargs, drop_conditioning, is_text, null_input,
                                                resolve_conditioning_key)
@@ -142,9 +143,9 @@ class LatentDiffusion(DDPM):
             return
         x = DDPM.get_input(self, batch, self.first_stage_key).to(self.device)
         z = first_stage.sample_encoding(self.encode_first_stage(x)).detach()
-        scale = 1.0 / z.flatten().float().std()
-        if self._trainer is not None:
-            scale = self.trainer.strategy.broadcast(scale, src=0)
+        # the std of the global batch (all ranks' latents), then rank zero's value everywhere: the same on every rank
+        scale = 1.0 / global_mean_std(z.float())[1] if is_distributed() else 1.0 / z.flatten().float().std()
+        broadcast_([scale], src=0)
         self.scale_factor = scale.to(self.scale_factor)
         logger.info("scale_by_std: set scale_factor to %.6f", float(self.scale_factor))
 

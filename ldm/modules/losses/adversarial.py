@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.distributed import all_reduce_mean_, is_distributed
 from ldm.modules.losses.discriminator import NLayerDiscriminator, weights_init
 from ldm.modules.losses.lpips import LPIPS, PerceptualWeights
 from ldm.util import parse_enum
@@ -93,12 +94,15 @@ class AdversarialPerceptualLoss(nn.Module):
                                   last_layer: torch.Tensor | None) -> torch.Tensor:
         """disc_weight * ||d nll / d last_layer|| / (||d g_loss / d last_layer|| + 1e-4), clamped to [0, 1e4].
 
-        Zero (no gradient available) when there is no last layer or no graph, e.g. in validation.
+        With several processes both gradients are averaged over the ranks first (every rank computes the same
+        weight, the one a single process would compute for the global batch). Zero (no gradient available) when there is no last layer or no graph, e.g. in validation.
         """
         if last_layer is None or not (nll_loss.requires_grad and g_loss.requires_grad):
             return torch.zeros((), device=nll_loss.device)
         nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
         g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+        if is_distributed():  # the gradients of the global batch, so the weight is the same at any world size
+            nll_grads, g_grads = all_reduce_mean_(torch.stack([nll_grads, g_grads]))
         d_weight = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
         return torch.clamp(d_weight, 0.0, 1e4).detach() * self.discriminator_weight
 

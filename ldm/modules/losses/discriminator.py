@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ldm.distributed import global_mean_std, is_distributed
+
 
 class ActNorm(nn.Module):
     """Per-channel affine normalisation initialised from the statistics of the first training batch.
@@ -25,9 +27,15 @@ class ActNorm(nn.Module):
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
-        flat = x.transpose(0, 1).reshape(x.shape[1], -1)
-        self.loc.copy_(-flat.mean(1).view(1, -1, 1, 1))
-        self.scale.copy_(1.0 / (flat.std(1).view(1, -1, 1, 1) + 1e-6))
+        """Sets loc and scale from the per-channel mean and std of `x` [N x C x H x W]; with several processes, of
+        the ranks' batches together (so every rank starts from the same values, those of one process)."""
+        if is_distributed():
+            mean, std = global_mean_std(x, dims=(0, 2, 3))
+        else:
+            flat = x.transpose(0, 1).reshape(x.shape[1], -1)
+            mean, std = flat.mean(1), flat.std(1)
+        self.loc.copy_(-mean.view(1, -1, 1, 1))
+        self.scale.copy_(1.0 / (std.view(1, -1, 1, 1) + 1e-6))
 
     def _maybe_initialize(self, x: torch.Tensor) -> None:
         if self.training and self.initialized.item() == 0:
