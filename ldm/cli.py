@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import glob
 import hashlib
 import inspect
 import logging
@@ -20,6 +19,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ldm.runs import RunFolderError, locate_checkpoint, saved_configs
 from ldm.util import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -263,15 +263,11 @@ def resolve_run(opt: argparse.Namespace, now: str, argv: Sequence[str] = (),
 
 
 def _resumed_run(resume: Path, base: Sequence[str], marker: Path | None) -> RunPaths:
-    if resume.is_file():
-        logdir, ckpt = resume.parent.parent, resume
-    elif resume.is_dir():
-        logdir, ckpt = resume, resume / "checkpoints" / "last.ckpt"
-    else:
-        raise ConfigError(f"-r/--resume: no such log dir or checkpoint: {resume}")
-    if not ckpt.is_file():
-        raise ConfigError(f"-r/--resume: {logdir} has no checkpoint {ckpt}")
-    saved = sorted(glob.glob(str(logdir / "configs" / "*.yaml")))
+    try:
+        logdir, ckpt = locate_checkpoint(resume)
+    except RunFolderError as e:
+        raise ConfigError(f"-r/--resume: {e}") from None
+    saved = [str(p) for p in saved_configs(logdir)]
     return RunPaths(logdir=logdir, nowname=logdir.name, base=saved + list(base), resume_ckpt=ckpt, job_marker=marker)
 
 
