@@ -188,3 +188,23 @@ def test_the_classifier_trains_through_main_and_its_checkpoint_guides(tmp_path, 
     after_z = zt + 0.5 * log_prob_gradient(net, zt, t, y)
     after = torch.softmax(net(after_z, t), 1).gather(1, y[:, None]).mean()
     assert after > before
+
+
+def test_the_imagenet_classifier_config_is_valid_and_builds_its_network(repo_root):
+    from ldm.models.diffusion.classifier import classifier_network_config
+    from ldm.util import check_arguments, get_obj_from_str
+
+    cfg = OmegaConf.load(repo_root / "configs" / "classifier" / "cin-f4-noisy-latent-classifier.yaml")
+    params = OmegaConf.to_container(cfg.model.params)
+    check_arguments(get_obj_from_str(cfg.model.target), params, cfg.model.target)
+    ldm = OmegaConf.load(repo_root / params["diffusion_config"]).model
+    network = classifier_network_config(ldm.params.unet_config, ldm.params.channels, params["num_classes"],
+                                        params["pool"], params["classifier_config"])
+    with torch.device("meta"):
+        net = instantiate_from_config(network)
+    assert isinstance(net, EncoderUNetModel) and net.in_channels == 3 and net.out_channels == 1000
+    assert network["params"]["channel_mult"] == [1, 2, 3, 5]  # the LDM's, with the guided-diffusion width/depth
+    assert 30e6 < sum(p.numel() for p in net.parameters()) < 300e6
+    for split in ("train", "validation"):
+        ds = cfg.data.params[split]
+        check_arguments(get_obj_from_str(ds.target), dict(ds.params), ds.target)
