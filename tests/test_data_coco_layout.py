@@ -221,3 +221,37 @@ def test_draw_layout_outlines_boxes_in_the_class_colour():
     torch.testing.assert_close(drawn[:, 10:20, 29], colour[:, None].expand(3, 10))  # right edge x = 0.75*40 - 1
     assert torch.equal(drawn[:, 12:18, 12:28], image[:, 12:18, 12:28])  # interior untouched
     assert torch.equal(drawn[:, 25:, :], image[:, 25:, :])  # outside untouched
+
+
+def test_layout_agreement_is_high_for_the_true_layouts_and_low_for_others(emoji_set):
+    from ldm.data.emoji_layout import layout_agreement
+
+    ds = CocoLayoutDataset(emoji_set, emoji_set.parent, size=48, max_objects=3)
+    items = [ds[i] for i in range(len(ds))]
+    images = torch.stack([torch.from_numpy(it["image"]).permute(2, 0, 1) for it in items])
+    layouts = [ds.tokenizer.decode(it["coordinates_bbox"]) for it in items]
+    own = layout_agreement(images, layouts)
+    others = layout_agreement(images, layouts[1:] + layouts[:1])
+    assert own.min() > 0.5 and others.mean() < 0.3, (own, others)
+    blank = torch.ones(1, 3, 48, 48)
+    assert layout_agreement(blank, [layouts[0]]) == 0.0
+
+
+def test_a_hand_written_layout_file_becomes_model_tokens(tmp_path):
+    from ldm.data.layout import LayoutTokenizer
+    from ldm.data.layout_json import encode_layout_file
+
+    anns = [{"image_id": "a", "category": "dog", "bbox": [0.1, 0.2, 0.3, 0.4]},
+            {"image_id": "a", "category": "cat", "bbox": [0.5, 0.5, 0.5, 0.5]},
+            {"image_id": "b", "category": "cat", "bbox": [0.0, 0.0, 1.0, 1.0], "iscrowd": 1}]
+    path = write_coco(tmp_path, anns, categories=False, images=[{"id": "a"}, {"id": "b"}])
+    tok = LayoutTokenizer(num_classes=2, max_objects=2)
+    tokens, ids = encode_layout_file(path, tok, ["cat", "dog"])
+    assert ids == ["a", "b"] and tokens.shape == (2, tok.seq_len)
+    a, b = tok.decode(tokens)
+    assert a.class_ids.tolist() == [1, 0] and b.group.tolist() == [True]
+    torch.testing.assert_close(a.boxes[0], torch.tensor([0.1, 0.2, 0.4, 0.6]), atol=tok.step / 2, rtol=0)
+    with pytest.raises(LayoutFileError, match="images\\[0\\] \\(id a\\) has 2 boxes; the model takes at most 1"):
+        encode_layout_file(path, LayoutTokenizer(num_classes=2, max_objects=1), ["cat", "dog"])
+    with pytest.raises(LayoutFileError, match="annotations\\[0\\] has the unknown class name 'dog'"):
+        encode_layout_file(path, LayoutTokenizer(num_classes=2), ["cat", "cow"])

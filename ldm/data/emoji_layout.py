@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 
 from ldm.data.emoji import DEFAULT_EMOJI, default_font_path, emoji_caption, render_emoji, resolve_emoji
+from ldm.data.layout import Layout
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +111,28 @@ def make_emoji_layout_set(root: str | Path, num_images: int = 64, size: int = 64
                     encoding="utf-8")
     logger.info("wrote %d images with %d emoji of %d classes to %s", num_images, len(annotations), len(chars), root)
     return path
+
+
+def layout_agreement(images: torch.Tensor, layouts: Sequence[Layout], background: Sequence[int] = (255, 255, 255),
+                     threshold: float = 0.1) -> torch.Tensor:
+    """How well pictures on a plain background follow their layouts: the intersection over union of the
+    foreground (pixels that differ from `background` by more than `threshold` in some channel, on a [0, 1] scale)
+    and the union of the layout's boxes.
+
+    :param images: an [N x 3 x H x W] Tensor in [-1, 1].
+    :param layouts: N layouts (boxes in [0, 1], drawn in the frame of their crop).
+    :return: an [N] Tensor of IoUs in [0, 1] (1 for an empty picture with an empty layout).
+    """
+    n, _, h, w = images.shape
+    bg = torch.tensor(background, dtype=torch.float32, device=images.device).view(1, 3, 1, 1) / 127.5 - 1.0
+    foreground = ((images.float() - bg).abs() > 2.0 * threshold).any(dim=1)
+    boxes = torch.zeros(n, h, w, dtype=torch.bool, device=images.device)
+    for i, layout in enumerate(layouts):
+        for x0, y0, x1, y1 in layout.in_crop_frame().boxes.tolist():
+            boxes[i, round(y0 * h):round(y1 * h), round(x0 * w):round(x1 * w)] = True
+    inter = (foreground & boxes).flatten(1).sum(1).float()
+    union = (foreground | boxes).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

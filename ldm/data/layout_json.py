@@ -9,6 +9,7 @@ boxes converted to this format); then ``width``/``height`` are not needed.
 
 Errors name the file and the entry (``annotations[12] (id 345)``): a malformed entry, a box outside [0, 1]
 (normalised input), an unknown class name or category id, an annotation of an unknown image.
+:func:`encode_layout_file` turns such a file into the token sequences a layout model is conditioned on.
 """
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import torch
+
+from ldm.data.layout import LayoutTokenizer
 from ldm.util import parse_enum
 
 logger = logging.getLogger(__name__)
@@ -230,3 +234,34 @@ def read_layout_file(path: str | Path, class_names: Sequence[str] | None = None,
     layouts = tuple(ImageLayout(str(k), v["file_name"], v["width"], v["height"], tuple(v["objects"]))
                     for k, v in images.items())
     return LayoutFile(path, tuple(names), layouts, skipped_crowd, skipped_classes)
+
+
+def encode_layout_file(path: str | Path, tokenizer: LayoutTokenizer, class_names: Sequence[str],
+                       normalized: bool = True, crowd: str | CrowdBoxes = CrowdBoxes.GROUP) -> tuple[torch.Tensor,
+                                                                                               list[str]]:
+    """The token sequences of every image of a layout file, e.g. the input of a layout-to-image script.
+
+    :param tokenizer: the model's tokenizer (its ``num_classes`` must be ``len(class_names)``).
+    :param class_names: the model's classes; a name in the file that is not among them is an error.
+    :param normalized: the file's boxes are fractions of the image (else pixels of each image's width/height).
+    :return: an [N x seq_len] long Tensor (whole-image crop) and the N image ids, in file order.
+    :raises LayoutFileError: naming the file and the entry (as :func:`read_layout_file`), or the image with more
+        objects than the tokenizer holds.
+    """
+    if tokenizer.num_classes != len(class_names):
+        raise ValueError(f"encode_layout_file: the tokenizer has {tokenizer.num_classes} classes, class_names "
+                         f"{len(class_names)}")
+    parsed = read_layout_file(path, class_names, normalized, crowd)
+    if parsed.skipped_classes:
+        raise LayoutFileError(f"{parsed.path}: {parsed.skipped_classes} boxes are of categories not among the "
+                              f"model's classes {list(class_names)}")
+    tokens = []
+    for index, image in enumerate(parsed.images):
+        if len(image.objects) > tokenizer.max_objects:
+            raise LayoutFileError(f"{parsed.path}: images[{index}] (id {image.image_id}) has {len(image.objects)} "
+                                  f"boxes; the model takes at most {tokenizer.max_objects}")
+        scale = [1.0] * 4 if normalized else [image.width, image.height] * 2
+        boxes = torch.tensor([o.box for o in image.objects], dtype=torch.float64).reshape(-1, 4)
+        boxes = boxes / torch.tensor(scale, dtype=torch.float64)
+        tokens.append(tokenizer.encode(boxes, [o.class_id for o in image.objects], [o.group for o in image.objects]))
+    return torch.stack(tokens), [image.image_id for image in parsed.images]
