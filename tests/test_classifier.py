@@ -105,6 +105,25 @@ def test_the_frozen_ldm_loads_from_config_and_checkpoint_and_keeps_only_what_is_
     assert clf.label_key == "class_label"
 
 
+def test_the_ldm_is_found_from_a_run_folder_and_its_config_checkpoint(ldm_ckpt, tmp_path):
+    """As the original: diffusion_path is a run folder whose latest configs/*-project.yaml is read; without
+    diffusion_ckpt_path, the config's own ckpt_path is the checkpoint."""
+    config = OmegaConf.load(LDM_CONFIG)
+    (tmp_path / "configs").mkdir()
+    broken = OmegaConf.create({"model": {"target": "no.such.Model"}})
+    OmegaConf.save(broken, tmp_path / "configs" / "2024-01-01T00-00-00-project.yaml")
+    config.model.params.ckpt_path = str(ldm_ckpt)
+    OmegaConf.save(config, tmp_path / "configs" / "2024-01-02T00-00-00-project.yaml")
+    clf = NoisyLatentImageClassifier(diffusion_path=str(tmp_path), num_classes=4)
+    assert clf.classifier_info.diffusion["ckpt_path"] == str(ldm_ckpt)
+    assert clf.classifier_info.diffusion["config"].endswith("2024-01-02T00-00-00-project.yaml")
+    saved = load_checkpoint(ldm_ckpt)["state_dict"]
+    key = next(k for k in saved if k.startswith("first_stage_model.encoder."))
+    torch.testing.assert_close(clf.diffusion_model.state_dict()[key], saved[key])
+    with pytest.raises(FileNotFoundError, match="no configs/\\*-project.yaml under"):
+        NoisyLatentImageClassifier(diffusion_path=str(tmp_path / "nowhere"), num_classes=4)
+
+
 def test_a_checkpoint_of_another_model_is_refused_by_name(ldm_ckpt, tmp_path):
     wrong = tmp_path / "unet_only.ckpt"
     sd = load_checkpoint(ldm_ckpt)["state_dict"]

@@ -148,8 +148,9 @@ def _config_from(diffusion_config: str | Path | Mapping[str, Any] | None,
 
 
 def load_frozen_diffusion(config: Mapping[str, Any], ckpt_path: str | Path | None, source: str) -> nn.Module:
-    """Builds the LDM of `config`, loads `ckpt_path` (its first stage and schedule must be there), freezes it and
-    drops the parts a noisy-latent classifier does not use (UNet, EMA, conditioner)."""
+    """Builds the LDM of `config` (without its own ``ckpt_path``), loads `ckpt_path` (the first stage and schedule
+    must be in it), freezes it and drops the parts a noisy-latent classifier does not use (UNet, EMA,
+    conditioner)."""
     config = copy.deepcopy(dict(config))
     params = dict(config.get("params") or {})
     params.pop("ckpt_path", None)
@@ -162,8 +163,8 @@ def load_frozen_diffusion(config: Mapping[str, Any], ckpt_path: str | Path | Non
             raise CheckpointError(f"{ckpt_path}: not a checkpoint of the diffusion model of {source}: it lacks "
                                   f"{len(needed)} keys the classifier needs, e.g. {needed[:3]}")
     else:
-        logger.warning("NoisyLatentImageClassifier: no diffusion_ckpt_path; the LDM of %s keeps the weights its "
-                       "config loads (its first stage's ckpt_path)", source)
+        logger.warning("NoisyLatentImageClassifier: no diffusion_ckpt_path; the LDM of %s has the first stage its "
+                       "config loads and the scale_factor its config gives", source)
     for name in ("model", "model_ema", "cond_stage_model"):
         if isinstance(getattr(model, name, None), nn.Module):
             setattr(model, name, None)
@@ -202,7 +203,8 @@ class NoisyLatentImageClassifier(pl.LightningModule):
     :param pool: the encoder's head: ``attention`` (as the original; needs ``num_head_channels``), ``adaptive``,
         ``spatial`` or ``spatial_v2``.
     :param label_key: batch key of the labels; default the LDM's ``cond_stage_key`` when that is ``class_label``.
-    :param diffusion_ckpt_path: the LDM's checkpoint (first stage and schedule are required in it).
+    :param diffusion_ckpt_path: the LDM's checkpoint (first stage and schedule are required in it); default the
+        ``ckpt_path`` of the LDM's config.
     :param scheduler_config: a learning-rate schedule (``target`` with a ``schedule(step)`` method), per step.
     :param weight_decay: AdamW weight decay.
     :param log_steps: validation reports the accuracy at this many evenly spaced diffusion steps.
@@ -225,6 +227,7 @@ class NoisyLatentImageClassifier(pl.LightningModule):
         if num_classes < 2 or log_steps < 1:
             raise ValueError(f"num_classes must be >= 2 and log_steps >= 1, got {num_classes} and {log_steps}")
         config, source = _config_from(diffusion_config, diffusion_path)
+        diffusion_ckpt_path = diffusion_ckpt_path or config.get("params", {}).get("ckpt_path")
         self.diffusion_model = load_frozen_diffusion(config, diffusion_ckpt_path, source)
         self.label_key = label_key or getattr(self.diffusion_model, "cond_stage_key", None)
         if self.label_key != CLASS_LABEL and label_key is None:
