@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 from ldm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ldm.data.emoji import EmojiDataset
 from ldm.models.diffusion.classifier import (NoisyLatentImageClassifier, check_classifier_classes,
-                                             load_classifier_network, log_prob_gradient, read_classifier_info)
+                                             check_classifier_latents, load_classifier_network, log_prob_gradient,
+                                             read_classifier_info)
 from ldm.modules.diffusionmodules.openaimodel import EncoderUNetModel
 from ldm.util import instantiate_from_config
 
@@ -154,6 +155,12 @@ def test_class_checks_name_the_file_and_the_entry(tmp_path):
         check_classifier_classes(info, "c.ckpt", 3, ["cat", "wolf", "fox"])
     with pytest.raises(ValueError, match="plain.ckpt: not a NoisyLatentImageClassifier checkpoint"):
         read_classifier_info({"state_dict": {}}, "plain.ckpt")
+    latent = read_classifier_info({"classifier": {"num_classes": 3, "diffusion": {
+        "channels": 3, "num_timesteps": 1000, "scale_factor": 0.18215}}}, "c.ckpt")
+    check_classifier_latents(latent, "c.ckpt", 3, 1000, 0.18215)
+    with pytest.raises(ValueError, match="c.ckpt: the classifier was trained with scale_factor=0.18215 "
+                                         "\\('classifier.diffusion.scale_factor'\\) but the model has 1.0"):
+        check_classifier_latents(latent, "c.ckpt", 3, 1000, 1.0)
 
 
 # -- training through main.py ---------------------------------------------------------------------------------

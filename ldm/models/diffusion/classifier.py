@@ -8,7 +8,8 @@ schedule are used and kept; its UNet, EMA and conditioner are dropped after load
 classifier network (``model.*``) and, under ``checkpoint["classifier"]``, its classes, its network config and the
 LDM it was trained on (see :func:`read_classifier_info`), so that guidance can load the network alone
 (:func:`load_classifier_network`) and refuse a classifier whose classes differ from the model's
-(:func:`check_classifier_classes`). :func:`log_prob_gradient` is the guidance term.
+(:func:`check_classifier_classes`, :func:`check_classifier_latents`). :func:`log_prob_gradient` is the guidance
+term.
 """
 from __future__ import annotations
 
@@ -107,6 +108,18 @@ def check_classifier_classes(info: ClassifierInfo, path: str | Path, num_classes
             if ours != theirs:
                 raise ValueError(f"{path}: class {i} is {ours!r} in the classifier ('{CHECKPOINT_KEY}.class_names"
                                  f"[{i}]') but {theirs!r} in the model")
+
+
+def check_classifier_latents(info: ClassifierInfo, path: str | Path, channels: int, num_timesteps: int,
+                             scale_factor: float) -> None:
+    """Refuses a classifier trained on another latent space or schedule than the model's: a ValueError naming the
+    file and the entry (``classifier.diffusion.channels``, ``.num_timesteps``, ``.scale_factor``)."""
+    ours = {"channels": channels, "num_timesteps": num_timesteps, "scale_factor": float(scale_factor)}
+    for key, value in ours.items():
+        theirs = info.diffusion.get(key)
+        if theirs is not None and (abs(float(theirs) - value) > 1e-6 * max(1.0, abs(value))):
+            raise ValueError(f"{path}: the classifier was trained with {key}={theirs} ('{CHECKPOINT_KEY}.diffusion."
+                             f"{key}') but the model has {value}")
 
 
 def load_classifier_network(path: str | Path, map_location: Any = "cpu") -> tuple[nn.Module, ClassifierInfo]:
