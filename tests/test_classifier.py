@@ -140,6 +140,8 @@ def test_labels_out_of_range_and_missing_keys_are_named(ldm_ckpt):
         clf.get_conditioning({"class_label": torch.tensor([0, 3])})
     with pytest.raises(KeyError, match="no label key 'class_label'"):
         clf.get_conditioning({"caption": ["a"]})
+    with pytest.raises(ValueError, match="label_key 'segmentation': the original's per-pixel classifier"):
+        NoisyLatentImageClassifier(diffusion_config=str(LDM_CONFIG), num_classes=2, label_key="segmentation")
     with pytest.raises(ValueError, match="class_names has 1 names for num_classes=2"):
         NoisyLatentImageClassifier(diffusion_config=str(LDM_CONFIG), num_classes=2, class_names=["a"])
 

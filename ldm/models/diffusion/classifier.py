@@ -246,6 +246,9 @@ class NoisyLatentImageClassifier(pl.LightningModule):
         if self.label_key != CLASS_LABEL and label_key is None:
             raise ValueError(f"label_key is not set and the diffusion model of {source} is conditioned on "
                              f"'{self.label_key}', not class labels; set label_key (e.g. class_label)")
+        if self.label_key == "segmentation":
+            raise ValueError("label_key 'segmentation': the original's per-pixel classifier (a full UNet on label "
+                             "maps) is not supported; this classifier predicts one class label per image")
         names = read_class_names(class_names)
         names = None if names is None else tuple(names)
         if names is not None and len(names) != num_classes:
