@@ -7,7 +7,7 @@ from PIL import Image
 
 from ldm.data.folder import ImageFolderDataset
 from ldm.util import ConfigError
-from test_data_base import natural, write_image
+from tests.test_data_base import natural, write_image
 
 
 def tree(root, kinds=("rgb", "gray", "cmyk", "rgba", "corrupt", "tiny"), sub=""):

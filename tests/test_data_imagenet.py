@@ -9,7 +9,7 @@ from PIL import Image
 from ldm.data.imagenet import (ImageNetSRTrain, ImageNetSRValidation, ImageNetTrain, ImageNetValidation,
                                index_to_human, index_to_synset, str_to_indices)
 from ldm.util import ConfigError, instantiate_from_config
-from test_data_base import natural, write_image
+from tests.test_data_base import natural, write_image
 from tests.helpers.paths import REFERENCE_CONFIGS
 
 REF = REFERENCE_CONFIGS / "latent-diffusion"

@@ -10,7 +10,7 @@ from ldm.data.base import in_validation_split
 from ldm.data.faceshq import CelebAHQTrain, FacesHQTrain, FacesHQValidation, FFHQTrain, FFHQValidation
 from ldm.data.lsun import LSUNBedroomsTrain, LSUNBedroomsValidation, LSUNChurchesTrain, LSUNChurchesValidation
 from ldm.util import instantiate_from_config
-from test_data_base import natural, write_image
+from tests.test_data_base import natural, write_image
 from tests.helpers.paths import REFERENCE_CONFIGS
 
 REF = REFERENCE_CONFIGS / "latent-diffusion"

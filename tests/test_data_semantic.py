@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from ldm.data.semantic import SegmentationBase
-from test_data_base import write_image
+from tests.test_data_base import write_image
 
 
 def label_tree(tmp_path, n=3, h=30, w=40, n_labels=5):

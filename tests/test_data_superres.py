@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from ldm.data.superres import SuperresFolderDataset
 from ldm.modules.image_degradation import bicubic_degradation
 from ldm.util import instantiate_from_config
-from test_data_base import natural, write_image
+from tests.test_data_base import natural, write_image
 from tests.helpers.paths import REFERENCE_CONFIGS
 
 REF = REFERENCE_CONFIGS / "latent-diffusion"

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from ldm.data.webdataset import WebImageCaptionDataset, expand_urls
-from test_data_base import natural
+from tests.test_data_base import natural
 
 
 def _jpeg(seed: int) -> bytes:

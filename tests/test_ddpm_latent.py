@@ -6,7 +6,7 @@ import torch
 
 from ldm.models.diffusion.conditioning import drop_conditioning, null_input
 from ldm.models.diffusion.ddpm import LatentDiffusion
-from test_ddpm_support import SpyUNet
+from tests.test_ddpm_support import SpyUNet
 
 IDENTITY = {"target": "test_ddpm_support.IdentityStage", "params": {"embed_dim": 3}}
 CLASSES = {"target": "test_ddpm_support.TinyClassEmbedder", "params": {"embed_dim": 8, "n_classes": 5}}

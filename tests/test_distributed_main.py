@@ -291,7 +291,7 @@ def test_webdataset_parts_of_unequal_length_end_the_epoch_together(tmp_path):
     """Three shards of 5 samples over two ranks (torchrun): rank 0 reads 10 samples (5 batches), rank 1 reads 5 (3).
     Both train 3 steps per epoch and the run ends after its 2 epochs (a rank running ahead into the next epoch would
     pair its gradient all-reduces with another rank's steps, and the run would hang at its end)."""
-    from test_data_webdataset import write_shard
+    from tests.test_data_webdataset import write_shard
 
     for s in range(3):
         write_shard(tmp_path / f"shard-{s}.tar", [f"s{s}_{i:03d}" for i in range(5)])

@@ -7,10 +7,7 @@ import nbformat
 from nbclient import NotebookClient
 from PIL import Image
 
-try:
-    from tests.test_scripts_sampling import make_model
-except ImportError:
-    from test_scripts_sampling import make_model
+from tests.test_scripts_sampling import make_model
 
 REPO = Path(__file__).resolve().parent.parent
 

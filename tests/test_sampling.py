@@ -9,10 +9,7 @@ from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.timesteps import make_ddim_timesteps
 
-try:
-    from tests.test_sampling_models import GaussianModel, TinyNetModel, single_thread  # noqa: F401
-except ImportError:
-    from test_sampling_models import GaussianModel, TinyNetModel, single_thread  # noqa: F401
+from tests.test_sampling_models import GaussianModel, TinyNetModel, single_thread  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------------------

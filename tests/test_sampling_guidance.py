@@ -9,10 +9,7 @@ from ldm.models.diffusion.denoiser import SigmaDenoiser
 from ldm.models.diffusion.guidance import CFGGuider, concat_conditionings
 from ldm.models.diffusion.sampling import get_sigmas_karras, sample_dpmpp_2m
 
-try:
-    from tests.test_sampling_models import GaussianModel, TinyNetModel, single_thread  # noqa: F401
-except ImportError:
-    from test_sampling_models import GaussianModel, TinyNetModel, single_thread  # noqa: F401
+from tests.test_sampling_models import GaussianModel, TinyNetModel, single_thread  # noqa: F401
 
 
 class Recorder:

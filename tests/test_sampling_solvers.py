@@ -12,10 +12,7 @@ from ldm.models.diffusion.sampling import (
 )
 from ldm.models.diffusion.timesteps import full_schedule
 
-try:
-    from tests.test_sampling_models import GaussianModel, single_thread  # noqa: F401
-except ImportError:
-    from test_sampling_models import GaussianModel, single_thread  # noqa: F401
+from tests.test_sampling_models import GaussianModel, single_thread  # noqa: F401
 
 SOLVERS = {"euler": sample_euler, "heun": sample_heun, "dpmpp_2m": sample_dpmpp_2m}
 
