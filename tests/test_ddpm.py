@@ -12,7 +12,7 @@ from ldm.models.diffusion.parameterization import target, to_x0_eps
 from ldm.models.diffusion.schedule import BUFFER_NAMES
 from ldm.util import ConfigError, instantiate_from_config
 
-SCALE_UNET = {"target": "test_ddpm_support.ScaleUNet", "params": {"in_channels": 3, "out_channels": 3}}
+SCALE_UNET = {"target": "tests.test_ddpm_support.ScaleUNet", "params": {"in_channels": 3, "out_channels": 3}}
 
 
 def make_ddpm(**kw) -> DDPM:

@@ -8,13 +8,13 @@ from ldm.models.diffusion.conditioning import drop_conditioning, null_input
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from tests.test_ddpm_support import SpyUNet
 
-IDENTITY = {"target": "test_ddpm_support.IdentityStage", "params": {"embed_dim": 3}}
-CLASSES = {"target": "test_ddpm_support.TinyClassEmbedder", "params": {"embed_dim": 8, "n_classes": 5}}
-TEXT = {"target": "test_ddpm_support.TinyTextEncoder", "params": {"embed_dim": 8}}
+IDENTITY = {"target": "tests.test_ddpm_support.IdentityStage", "params": {"embed_dim": 3}}
+CLASSES = {"target": "tests.test_ddpm_support.TinyClassEmbedder", "params": {"embed_dim": 8, "n_classes": 5}}
+TEXT = {"target": "tests.test_ddpm_support.TinyTextEncoder", "params": {"embed_dim": 8}}
 
 
 def spy(in_channels=3, out_channels=3):
-    return {"target": "test_ddpm_support.SpyUNet", "params": {"in_channels": in_channels,
+    return {"target": "tests.test_ddpm_support.SpyUNet", "params": {"in_channels": in_channels,
                                                               "out_channels": out_channels}}
 
 
@@ -94,7 +94,7 @@ def test_hybrid_and_adm_routes():
 
 
 def test_is_first_stage_conditioning_encodes_with_first_stage():
-    kl = {"target": "test_ddpm_support.ScaledKLStage", "params": {"scale": 4.0}}
+    kl = {"target": "tests.test_ddpm_support.ScaledKLStage", "params": {"scale": 4.0}}
     m = make_ldm(unet_config=spy(6, 3), first_stage_config=kl, cond_stage_config="__is_first_stage__",
                  cond_stage_key="masked_image", concat_mode=True)
     assert m.cond_stage_model is m.first_stage_model
@@ -110,7 +110,7 @@ def test_is_first_stage_conditioning_encodes_with_first_stage():
 
 
 def test_scale_factor_plain_or_buffer_and_scale_by_std():
-    kl = {"target": "test_ddpm_support.ScaledKLStage", "params": {"scale": 4.0}}
+    kl = {"target": "tests.test_ddpm_support.ScaledKLStage", "params": {"scale": 4.0}}
     plain = make_ldm(first_stage_config=kl, scale_factor=0.5)
     assert plain.scale_factor == 0.5 and "scale_factor" not in plain.state_dict()
     m = make_ldm(first_stage_config=kl, scale_by_std=True)
@@ -223,7 +223,7 @@ def test_log_images_keys_and_guided_samples():
 
 
 def test_inpainting_conditioning_appends_latent_mask():
-    kl = {"target": "test_ddpm_support.ScaledKLStage", "params": {"scale": 2.0}}
+    kl = {"target": "tests.test_ddpm_support.ScaledKLStage", "params": {"scale": 2.0}}
     m = make_ldm(unet_config=spy(7, 3), first_stage_config=kl, cond_stage_config="__is_first_stage__",
                  cond_stage_key="masked_image", concat_mode=True, concat_mask_key="mask")
     mask = torch.zeros(2, 4, 4, 1)
@@ -258,7 +258,7 @@ def test_real_tiny_unet_and_class_embedder_under_bf16_autocast():
     from ldm.util import instantiate_from_config
 
     cfg = OmegaConf.load(Path(__file__).parent / "configs" / "ldm-stage2.yaml").model
-    cfg.params.first_stage_config = {"target": "test_ddpm_support.IdentityStage", "params": {"embed_dim": 2}}
+    cfg.params.first_stage_config = {"target": "tests.test_ddpm_support.IdentityStage", "params": {"embed_dim": 2}}
     torch.manual_seed(0)
     m = instantiate_from_config(cfg)
     with torch.no_grad():  # the UNet's last conv starts at zero; give it an output
@@ -287,7 +287,7 @@ def test_log_images_shows_captions_and_class_names_as_text():
     log = cls.log_images(batch, N=2, ddim_steps=None, sample=False, plot_progressive_rows=False,
                          plot_diffusion_rows=False)
     assert log["conditioning"].shape == (2, 3, 16, 16)
-    kl = {"target": "test_ddpm_support.ScaledKLStage", "params": {"scale": 2.0}}
+    kl = {"target": "tests.test_ddpm_support.ScaledKLStage", "params": {"scale": 2.0}}
     inpaint = make_ldm(unet_config=spy(7, 3), first_stage_config=kl, cond_stage_config="__is_first_stage__",
                        cond_stage_key="masked_image", concat_mode=True, concat_mask_key="mask", timesteps=4)
     batch = image_batch(n=2, masked_image=torch.rand(2, 4, 4, 3), mask=torch.ones(2, 4, 4, 1))

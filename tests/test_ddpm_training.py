@@ -18,11 +18,11 @@ def toy_batch(n: int, generator: torch.Generator) -> dict:
 
 def make_model(**kw) -> LatentDiffusion:
     params = dict(
-        unet_config={"target": "test_ddpm_support.TinyCondUNet",
+        unet_config={"target": "tests.test_ddpm_support.TinyCondUNet",
                      "params": {"in_channels": 2, "out_channels": 2, "hidden": 32, "context_dim": 8,
                                 "timesteps": 100}},
-        first_stage_config={"target": "test_ddpm_support.IdentityStage", "params": {"embed_dim": 2}},
-        cond_stage_config={"target": "test_ddpm_support.TinyClassEmbedder",
+        first_stage_config={"target": "tests.test_ddpm_support.IdentityStage", "params": {"embed_dim": 2}},
+        cond_stage_config={"target": "tests.test_ddpm_support.TinyClassEmbedder",
                            "params": {"embed_dim": 8, "n_classes": 5}},
         cond_stage_key="class_label", conditioning_key="crossattn", cond_stage_trainable=True,
         timesteps=100, image_size=4, channels=2, linear_start=0.0015, linear_end=0.0195, use_ema=True,

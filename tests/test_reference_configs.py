@@ -18,7 +18,7 @@ from tests.helpers.paths import REFERENCE_CONFIGS
 HERE = Path(__file__).parent
 REFERENCE = REFERENCE_CONFIGS
 MANIFESTS = HERE / "data" / "reference_state_dicts"
-CLIP_STANDIN = {"target": "test_ddpm_support.clip_vit_l14_text_encoder"}
+CLIP_STANDIN = {"target": "tests.test_ddpm_support.clip_vit_l14_text_encoder"}
 
 
 def reference_files() -> list[Path]:
