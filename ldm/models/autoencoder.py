@@ -123,13 +123,14 @@ class FirstStageModel(pl.LightningModule):
             logger.info("unexpected keys: %s", unexpected)
 
     def get_input(self, batch: Mapping[str, torch.Tensor], k: str) -> torch.Tensor:
-        """batch[k], an [N x H x W x C] (or [N x H x W]) image batch in [-1, 1] -> contiguous float [N x C x H x W]."""
+        """batch[k], an [N x H x W x C] (or [N x H x W]) image batch in [-1, 1] -> contiguous [N x C x H x W] in the
+        model's floating dtype (float32, or float64 under Lightning's ``64-true`` precision)."""
         if k not in batch:
             raise KeyError(f"{type(self).__name__}: the batch has no key '{k}' (image_key); keys: {list(batch)}")
         x = batch[k]
         if x.ndim == 3:
             x = x[..., None]
-        return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
+        return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format, dtype=self.dtype)
 
     def get_last_layer(self) -> torch.Tensor:
         """The decoder's last weight, where the adaptive GAN weight compares gradient norms."""
