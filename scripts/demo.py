@@ -29,14 +29,14 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from ldm.data.emoji import EmojiDataset
+from ldm.evaluation.classifier import conditional_accuracy, train_classifier
+from ldm.evaluation.fid import compute_fid
+from ldm.evaluation.inception import load_extractor
+from ldm.inference import get_device, load_model, text_conditioning, to_uint8
+from ldm.models.diffusion.sampling import SamplingOptions, sample
 
-from ldm.data.emoji import EmojiDataset  # noqa: E402
-from ldm.evaluation.classifier import conditional_accuracy, train_classifier  # noqa: E402
-from ldm.evaluation.fid import compute_fid  # noqa: E402
-from ldm.evaluation.inception import load_extractor  # noqa: E402
-from ldm.inference import autocast, get_device, load_model, sample_latents, to_uint8  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 logger = logging.getLogger("demo")
 
@@ -110,16 +110,15 @@ def sample_prompts(model, prompts: list[str], per_prompt: int, args: argparse.Na
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     wanted = [p for p in prompts for _ in range(per_prompt)]
+    options = SamplingOptions(sampler="ddim", steps=args.steps, precision="autocast")
     images = []
     for i in tqdm(range(0, len(wanted), batch_size), desc="sampling", unit="batch"):
         chunk = wanted[i:i + batch_size]
-        shape = (len(chunk), model.channels, model.image_size, model.image_size)
+        shape = model.latent_shape(len(chunk))
         x_T = torch.randn(shape, generator=gen).to(device)
-        with model.ema_scope(), autocast(device):
-            cond = model.get_learned_conditioning(chunk)
-            uncond = model.get_learned_conditioning([""] * len(chunk))
-            z = sample_latents(model, "ddim", shape, cond=cond, uncond=uncond, scale=args.scale, steps=args.steps,
-                               x_T=x_T)
+        with model.ema_scope():
+            cond, uncond = text_conditioning(model, chunk, scale=args.scale)
+            z = sample(model, shape, cond, uncond=uncond, scale=args.scale, options=options, x_T=x_T).samples
             images.append(model.decode_first_stage(z).float().clamp(-1, 1).cpu())
     return torch.cat(images)
 
@@ -184,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     timings["stage_two_s"] = round(time.time() - t0 - timings["stage_one_s"], 1)
 
     t1 = time.time()
-    device = get_device("cuda:0" if args.gpus is not None and torch.cuda.is_available() else "cpu")
+    device = get_device() if args.gpus is not None else torch.device("cpu")
     config = project_config(ldm_run)
     model = load_model(config, ldm_run / "checkpoints" / "last.ckpt", device=device, strict=True)
     untrained = load_model(config, None, device=device)

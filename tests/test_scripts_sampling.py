@@ -163,6 +163,38 @@ def test_inpaint_keeps_the_known_pixels(models, tmp_path):
         assert np.abs(result[~known] - source[~known]).mean() > 5
 
 
+def test_inpaint_conditioning_is_the_original_scripts(models, tmp_path):
+    """The conditioning of scripts/inpaint.py is the original's ``make_batch`` + ``cat(E(masked), mask)``: the
+    pixels to fill are black (-1), not grey (0), as the released inpainting model was trained."""
+    from ldm.inference import load_image, load_model
+
+    inpaint = load_script("inpaint")
+    write_image(tmp_path / "a.png")
+    mask_u8 = np.zeros((32, 32), dtype=np.uint8)
+    mask_u8[8:24, 4:20] = 255
+    Image.fromarray(mask_u8, "L").save(tmp_path / "a_mask.png")
+    model = load_model(models["inpaint"][0], models["inpaint"][1], "cpu")
+    image = load_image(tmp_path / "a.png")
+    mask = inpaint.load_mask(tmp_path / "a_mask.png", (32, 32), tmp_path / "a.png")
+    # the original script, written out: image and mask in [0, 1], masked = (1 - mask) * image, all * 2 - 1
+    with Image.open(tmp_path / "a.png") as im:
+        image01 = torch.from_numpy(np.asarray(im.convert("RGB")).astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+    mask01 = torch.from_numpy((mask_u8.astype(np.float32) / 255.0 >= 0.5).astype(np.float32))[None, None]
+    batch = {k: v * 2.0 - 1.0 for k, v in {"image": image01, "mask": mask01, "masked_image": (1 - mask01) * image01}
+             .items()}
+    torch.testing.assert_close(image, batch["image"])
+    encoded = []
+    original_encoder = model.get_learned_conditioning
+    model.get_learned_conditioning = lambda x: encoded.append(x) or original_encoder(x)
+    c = inpaint.inpainting_conditioning(model, image, mask)
+    torch.testing.assert_close(encoded[0], batch["masked_image"], rtol=0, atol=1e-6)
+    assert (encoded[0][:, :, 8:24, 4:20] == -1).all()  # black, not grey
+    expected = torch.cat([original_encoder(batch["masked_image"]),
+                          torch.nn.functional.interpolate(batch["mask"], size=c.shape[-2:])], dim=1)
+    torch.testing.assert_close(c, expected)
+    assert c.shape == (1, 5, 8, 8) and set(c[0, 4].unique().tolist()) == {-1.0, 1.0}
+
+
 def test_inpaint_bad_inputs(models, tmp_path):
     inpaint = load_script("inpaint")
     args = [*map(str, model_args(models, "inpaint")), "--outdir", str(tmp_path / "out")]
