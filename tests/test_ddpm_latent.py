@@ -163,6 +163,26 @@ def test_cfg_dropout_rate_and_unconditional_conditioning():
     assert c_text.abs().sum() == 0  # the tiny encoder maps the empty caption to zeros
 
 
+def test_one_dropout_owner_for_an_embedder_with_its_own_ucg_rate():
+    """A ClassEmbedder's own ucg_rate (SD2-style configs) is applied once, by the model, where the returned raw
+    conditioning shows it; together with the model's ucg_rate it is refused (it would drop twice)."""
+    embedder = {"target": "ldm.modules.encoders.modules.ClassEmbedder",
+                "params": {"embed_dim": 8, "n_classes": 5, "key": "class_label", "ucg_rate": 0.5}}
+    torch.manual_seed(0)
+    m = make_ldm(cond_stage_config=embedder, cond_stage_key="class_label", conditioning_key="crossattn")
+    n = 4000
+    batch = {"image": torch.zeros(n, 1, 1, 3), "class_label": torch.zeros(n, dtype=torch.long)}
+    _, c, xc = m.get_input(batch, "image", return_original_cond=True, cond_dropout=True)
+    dropped = xc["class_label"] == 4
+    assert abs(dropped.float().mean().item() - 0.5) < 0.04
+    weight = m.cond_stage_model.embedding.weight
+    torch.testing.assert_close(c[:, 0], weight[xc["class_label"]])  # c is the encoding of what xc says
+    from ldm.util import ConfigError
+    with pytest.raises(ConfigError, match="conditioning dropout is set twice"):
+        make_ldm(cond_stage_config=embedder, cond_stage_key="class_label", conditioning_key="crossattn",
+                 ucg_rate=0.1)
+
+
 def test_shorten_cond_schedule_noises_conditioning():
     m = make_ldm(cond_stage_config={"target": "torch.nn.Identity"}, conditioning_key="crossattn",
                  num_timesteps_cond=5)
