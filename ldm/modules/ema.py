@@ -6,10 +6,14 @@ in the checkpoint as ``model_ema.diffusion_modelinput_blocks00weight`` etc., as 
 """
 from __future__ import annotations
 
-from typing import Iterable
+import contextlib
+import logging
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 def shadow_name(param_name: str) -> str:
@@ -94,3 +98,22 @@ class LitEma(nn.Module):
         for saved, param in zip(self.collected_params, parameters):
             param.copy_(saved)
         self.collected_params = []
+
+
+@contextlib.contextmanager
+def ema_weights(ema: Any, module: nn.Module, context: str | None = None) -> Iterator[None]:
+    """Within this context `module`'s trainable parameters hold the EMA values of `ema` (anything with LitEma's
+    ``store``/``copy_to``/``restore``); the training values are put back after, also on an exception.
+
+    :param context: a name to log the switch under (None: no log lines).
+    """
+    ema.store(module.parameters())
+    ema.copy_to(module)
+    if context is not None:
+        logger.info("%s: switched to EMA weights", context)
+    try:
+        yield
+    finally:
+        ema.restore(module.parameters())
+        if context is not None:
+            logger.info("%s: restored training weights", context)

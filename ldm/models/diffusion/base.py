@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -30,6 +30,7 @@ from ldm.models.diffusion.sampling import SamplerKind, SamplingOptions, Sampling
 from ldm.models.diffusion.schedule import (BUFFER_NAMES, extract, lvlb_weights, make_beta_schedule, q_sample,
                                            rescale_zero_terminal_snr, schedule_buffers)
 from ldm.models.diffusion.training import build_ema, build_loss_weighting, build_timestep_sampler
+from ldm.modules.ema import ema_weights
 from ldm.util import count_params, default, instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -144,21 +145,9 @@ class DiffusionModule(pl.LightningModule):
             raise ValueError("the VLB weights of this schedule are all NaN")
 
     # -- EMA and checkpoints -------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def ema_scope(self, context: str | None = None) -> Iterator[None]:
+    def ema_scope(self, context: str | None = None) -> contextlib.AbstractContextManager:
         """Within this context the model uses its EMA weights (if ``use_ema``); they are restored after."""
-        if self.use_ema:
-            self.model_ema.store(self.model.parameters())
-            self.model_ema.copy_to(self.model)
-            if context is not None:
-                logger.info("%s: switched to EMA weights", context)
-        try:
-            yield None
-        finally:
-            if self.use_ema:
-                self.model_ema.restore(self.model.parameters())
-                if context is not None:
-                    logger.info("%s: restored training weights", context)
+        return ema_weights(self.model_ema, self.model, context) if self.use_ema else contextlib.nullcontext()
 
     def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), only_model: bool = False) -> None:
         """Loads weights from a checkpoint non-strictly, dropping keys that start with any of `ignore_keys`.
