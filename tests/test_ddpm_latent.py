@@ -187,6 +187,14 @@ def test_shorten_cond_schedule_noises_conditioning():
     m = make_ldm(cond_stage_config={"target": "torch.nn.Identity"}, conditioning_key="crossattn",
                  num_timesteps_cond=5)
     assert m.cond_ids[:5].tolist() == [0, 5, 10, 14, 19] and (m.cond_ids[5:] == 19).all()
+    # ancestral sampling noises the given conditioning at each step, as training does (not compounding)
+    cond = torch.full((2, 3, 8), 2.0)
+    m.p_sample_loop(cond, (2, 3, 4, 4), verbose=False)
+    contexts = {int(call["t"][0]): call["context"] for call in unet(m).calls}
+    a = m.alphas_cumprod[19]
+    first = contexts[19]  # cond_ids[19] = 19
+    assert abs(first.mean().item() - 2.0 * a.sqrt().item()) < 0.2 and abs(first.std() - (1 - a).sqrt()) < 0.15
+    torch.testing.assert_close(contexts[0], m.sqrt_alphas_cumprod[0] * cond, atol=0.1, rtol=0)  # t = 0: barely
     with pytest.raises(ValueError, match="num_timesteps_cond"):
         make_ldm(num_timesteps_cond=50)
 

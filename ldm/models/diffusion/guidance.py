@@ -139,6 +139,21 @@ class ScoreCorrection(GuidanceTerm):
         return Prediction.from_eps(eps, inp)
 
 
+class ConditioningAtStep:
+    """Hands an inner guider ``transform(cond, t)`` instead of `cond` (e.g. the legacy noised conditioning of
+    ``num_timesteps_cond > 1``)."""
+
+    def __init__(self, transform: Callable[[Conditioning, torch.Tensor], Conditioning], inner: Guider) -> None:
+        self.transform, self.inner = transform, inner
+
+    @property
+    def requires_grad(self) -> bool:
+        return self.inner.requires_grad
+
+    def __call__(self, predict: PredictFn, inp: NoisyInput, cond: Conditioning) -> Prediction:
+        return self.inner(predict, inp, self.transform(cond, inp.t))
+
+
 def make_guider(model: Any, scale: float = 1.0, uncond: Conditioning = None, score_corrector: Any = None,
                 corrector_kwargs: dict | None = None) -> Guider:
     """Classifier-free guidance, followed by the original's score corrector when one is given."""

@@ -18,7 +18,7 @@ from ldm.models.diffusion.base import DiffusionModule
 from ldm.models.diffusion.conditioning import (ConditionBuilder, batch_tensor, resolve_conditioning_key,
                                                slice_cond)
 from ldm.models.diffusion.first_stage import FirstStageCodec, freeze, mode_of
-from ldm.models.diffusion.guidance import make_guider
+from ldm.models.diffusion.guidance import ConditioningAtStep, Guider, make_guider
 from ldm.models.diffusion.sampling import SamplerKind, SamplingOptions, sample
 from ldm.util import default, instantiate_from_config
 
@@ -294,6 +294,13 @@ class LatentDiffusion(DiffusionModule):
         img = self.posterior_sample(mean, log_var, t, repeat_noise, temperature, noise_dropout)
         return (img, x0) if return_x0 else img
 
+    def ancestral_guider(self, score_corrector: Any = None,
+                         corrector_kwargs: Mapping[str, Any] | None = None) -> Guider:
+        """The guider of the original's ancestral loops: its score corrector, and with ``num_timesteps_cond > 1``
+        the conditioning noised at each step (as in training)."""
+        guider = make_guider(self, score_corrector=score_corrector, corrector_kwargs=corrector_kwargs)
+        return ConditioningAtStep(self.noised_cond, guider) if self.shorten_cond_schedule else guider
+
     def progressive_denoising(self, cond: Any, shape: Sequence[int], verbose: bool = True,
                               callback: Callable[[int], None] | None = None, quantize_denoised: bool = False,
                               img_callback: Callable[[torch.Tensor, int], None] | None = None,
@@ -309,11 +316,11 @@ class LatentDiffusion(DiffusionModule):
         """
         if batch_size is not None:
             shape = [batch_size, *shape]
-        guider = make_guider(self, score_corrector=score_corrector, corrector_kwargs=corrector_kwargs)
         result = self.ancestral(slice_cond(cond, shape[0]), shape, steps=start_T, x_T=x_T, mask=mask, x0=x0,
                                 quantize_denoised=quantize_denoised, temperature=temperature,
                                 noise_dropout=noise_dropout, log_every_t=log_every_t, verbose=verbose,
-                                callback=_legacy_callback(callback, img_callback), guider=guider)
+                                callback=_legacy_callback(callback, img_callback),
+                                guider=self.ancestral_guider(score_corrector, corrector_kwargs))
         return result.samples, result.pred_x0[1:]
 
     def p_sample_loop(self, cond: Any, shape: Sequence[int], return_intermediates: bool = False,
@@ -326,7 +333,7 @@ class LatentDiffusion(DiffusionModule):
         steps = min(timesteps or self.num_timesteps, start_T or self.num_timesteps)
         result = self.ancestral(cond, shape, steps=steps, x_T=x_T, mask=mask, x0=x0,
                                 quantize_denoised=quantize_denoised, log_every_t=log_every_t, verbose=verbose,
-                                callback=_legacy_callback(callback, img_callback))
+                                callback=_legacy_callback(callback, img_callback), guider=self.ancestral_guider())
         return (result.samples, result.x_inter) if return_intermediates else result.samples
 
     def sample(self, cond: Any, batch_size: int = 16, return_intermediates: bool = False,
