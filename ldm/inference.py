@@ -18,6 +18,7 @@ from PIL import Image
 
 from ldm.checkpoint import load_state_dict
 from ldm.data.base import UnusableImage, open_image, to_model_image
+from ldm.models.autoencoder import allow_missing_checkpoints
 from ldm.models.diffusion.guidance import Conditioning
 from ldm.models.diffusion.sampling import (Precision, SamplerKind, SamplingOptions, SigmaSchedule, autocast,
                                            model_device)
@@ -52,7 +53,8 @@ def load_model(config: str | Path, ckpt: str | Path | None, device: torch.device
     """Builds ``config.model`` and loads the weights of `ckpt` (safely: no code in the file runs).
 
     :param config: a YAML file with a ``model`` section (as the original's configs).
-    :param ckpt: a Lightning ``.ckpt`` or a ``.safetensors`` file (None keeps the random initialisation).
+    :param ckpt: a Lightning ``.ckpt`` or a ``.safetensors`` file (None keeps the random initialisation). It holds
+        the first stage's weights too, so a first-stage `ckpt_path` of the config need not exist then.
     :return: the model in eval mode on `device` (default: :func:`get_device`).
     :raises FileNotFoundError: naming the config or checkpoint path.
     :raises ConfigError: when the config has no ``model`` or the checkpoint does not fit it.
@@ -63,7 +65,7 @@ def load_model(config: str | Path, ckpt: str | Path | None, device: torch.device
     if ckpt is not None and not Path(ckpt).is_file():
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")
     with config_source(config):
-        model = instantiate_from_config(cfg.model)
+        model = instantiate_from_config(cfg.model if ckpt is None else allow_missing_checkpoints(cfg.model))
     if ckpt is not None:
         state_dict = load_state_dict(ckpt)
         missing, unexpected = model.load_state_dict(state_dict, strict=strict)

@@ -100,6 +100,22 @@ def test_txt2img_end_to_end(models, tmp_path):
     assert grid.shape == (2 * (48 + 2) + 2, 2 * (32 + 2) + 2, 3)
 
 
+def test_load_model_takes_the_first_stage_from_the_full_checkpoint(models, tmp_path):
+    """A training config names a first-stage ckpt_path that a user of the full checkpoint need not have."""
+    from ldm.inference import load_model
+
+    config, ckpt = models["class"]
+    cfg = OmegaConf.load(config)
+    cfg.model.params.first_stage_config.params.ckpt_path = str(tmp_path / "missing" / "model.ckpt")
+    OmegaConf.save(cfg, tmp_path / "with-missing-first-stage.yaml")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_model(tmp_path / "with-missing-first-stage.yaml", None, "cpu")
+    model = load_model(tmp_path / "with-missing-first-stage.yaml", ckpt, "cpu")
+    reference = load_model(config, ckpt, "cpu")
+    for k, v in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
 def test_txt2img_bad_inputs(models, tmp_path):
     txt2img = load_script("txt2img")
     empty = tmp_path / "empty.txt"
