@@ -26,7 +26,8 @@ from ldm.models.diffusion.discrete import ancestral_step, make_noise_sampler
 from ldm.models.diffusion.guidance import Guider
 from ldm.models.diffusion.losses import DiffusionLoss, LossType
 from ldm.models.diffusion.parameterization import Parameterization, target
-from ldm.models.diffusion.sampling import SamplerKind, SamplingOptions, SamplingResult, model_full_schedule, sample
+from ldm.models.diffusion.sampling import (SamplerKind, SamplingOptions, SamplingResult, model_full_schedule, sample,
+                                           x0_transform)
 from ldm.models.diffusion.schedule import (BUFFER_NAMES, extract, lvlb_weights, make_beta_schedule, q_sample,
                                            rescale_zero_terminal_snr, schedule_buffers)
 from ldm.models.diffusion.training import build_ema, build_loss_weighting, build_timestep_sampler
@@ -314,10 +315,10 @@ class DiffusionModule(pl.LightningModule):
         """p(x_{t-1} | x_t) as the posterior at the predicted x0 (clamped and/or quantised as asked):
         (mean, variance, log-variance, x0) of an [N x C x ...] `x` at [N] steps `t`."""
         x0 = Denoiser(self, guider)(x, t, cond).x0
-        if clip_denoised:
-            x0 = x0.clamp(-1.0, 1.0)
-        if quantize_denoised:
-            x0 = self.first_stage_model.quantize(x0)[0]
+        options = SamplingOptions(clip_denoised=clip_denoised, quantize_denoised=quantize_denoised)
+        transform = x0_transform(self, options)
+        if transform is not None:
+            x0 = transform(x0)
         return (*self.q_posterior(x0, x, t), x0)
 
     @staticmethod
