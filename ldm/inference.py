@@ -20,8 +20,7 @@ from ldm.checkpoint import load_state_dict
 from ldm.data.base import UnusableImage, open_image, to_model_image
 from ldm.models.autoencoder import allow_missing_checkpoints
 from ldm.models.diffusion.guidance import Conditioning
-from ldm.models.diffusion.sampling import (Precision, SamplerKind, SamplingOptions, SigmaSchedule, autocast,
-                                           model_device)
+from ldm.models.diffusion.sampling import Precision, SamplerKind, SamplingOptions, SigmaSchedule, autocast
 from ldm.util import ConfigError, config_source, instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -76,6 +75,13 @@ def load_model(config: str | Path, ckpt: str | Path | None, device: torch.device
         if unexpected:
             logger.warning("%d unexpected keys in %s, e.g. %s", len(unexpected), ckpt, unexpected[:3])
     return model.to(get_device() if device is None else torch.device(device)).eval()
+
+
+def model_device(model: Any) -> torch.device:
+    """The device of a model's schedule buffers (or of its parameters)."""
+    for tensor in (*model.buffers(), *model.parameters()):
+        return tensor.device
+    raise ValueError(f"{type(model).__name__} has no buffers or parameters to take a device from")
 
 
 @torch.no_grad()

@@ -42,10 +42,10 @@ logger = logging.getLogger("demo")
 
 QUICK_DATA = ["data.params.train.params.max_classes=4", "data.params.validation.params.max_classes=4"]
 QUICK_OVERRIDES = {
-    "autoencoder": QUICK_DATA + ["lightning.trainer.max_steps=30", "lightning.trainer.val_check_interval=15",
-                    "lightning.callbacks.image_logger.params.batch_frequency=15"],
-    "ldm": QUICK_DATA + ["lightning.trainer.max_steps=30", "lightning.trainer.val_check_interval=15",
-            "lightning.callbacks.image_logger.params.batch_frequency=15",
+    "autoencoder": QUICK_DATA + ["lightning.trainer.max_steps=60", "lightning.trainer.val_check_interval=30",
+                    "lightning.callbacks.image_logger.params.batch_frequency=30"],
+    "ldm": QUICK_DATA + ["lightning.trainer.max_steps=300", "lightning.trainer.val_check_interval=150",
+            "lightning.callbacks.image_logger.params.batch_frequency=150",
             "lightning.callbacks.image_logger.params.log_images_kwargs.ddim_steps=5"],
 }
 
@@ -62,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--scale", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--classifier-steps", type=int, default=200)
-    p.add_argument("--quick", action="store_true", help="a few steps of everything (a smoke test, not a model)")
+    p.add_argument("--quick", action="store_true",
+                   help="4 classes and a few hundred steps: a smoke test that already beats the untrained model")
     p.add_argument("--retrain", action="store_true", help="train both stages again even if finished runs exist")
     return p.parse_args(argv)
 
@@ -169,7 +170,7 @@ def measure(sets: dict[str, tuple[torch.Tensor, torch.Tensor]], reference: torch
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.quick:
-        args.steps, args.samples_per_prompt, args.eval_per_class, args.classifier_steps = 5, 2, 2, 20
+        args.steps, args.samples_per_prompt, args.eval_per_class, args.classifier_steps = 10, 2, 8, 100
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     outdir = Path(args.outdir).resolve()
     outdir.mkdir(parents=True, exist_ok=True)

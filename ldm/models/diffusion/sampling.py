@@ -137,13 +137,6 @@ class SamplingResult:
         return {"x_inter": self.x_inter, "pred_x0": self.pred_x0}
 
 
-def model_device(model: Any) -> torch.device:
-    """The device of a model's schedule buffers (or of its parameters)."""
-    for tensor in (*model.buffers(), *model.parameters()):
-        return tensor.device
-    raise ValueError(f"{type(model).__name__} has no buffers or parameters to take a device from")
-
-
 def autocast(device: torch.device, precision: Precision | str = Precision.FULL) -> contextlib.AbstractContextManager:
     """Mixed precision on accelerators (float16 or bfloat16); a no-op on CPU or with ``full`` precision."""
     precision = parse_enum(Precision, precision, "precision")
