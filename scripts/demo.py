@@ -42,10 +42,10 @@ logger = logging.getLogger("demo")
 
 QUICK_DATA = ["data.params.train.params.max_classes=4", "data.params.validation.params.max_classes=4"]
 QUICK_OVERRIDES = {
-    "autoencoder": QUICK_DATA + ["lightning.trainer.max_steps=60", "lightning.trainer.val_check_interval=30",
-                    "lightning.callbacks.image_logger.params.batch_frequency=30"],
-    "ldm": QUICK_DATA + ["lightning.trainer.max_steps=300", "lightning.trainer.val_check_interval=150",
-            "lightning.callbacks.image_logger.params.batch_frequency=150",
+    "autoencoder": QUICK_DATA + ["lightning.trainer.max_steps=200", "lightning.trainer.val_check_interval=100",
+                    "lightning.callbacks.image_logger.params.batch_frequency=100"],
+    "ldm": QUICK_DATA + ["lightning.trainer.max_steps=400", "lightning.trainer.val_check_interval=200",
+            "lightning.callbacks.image_logger.params.batch_frequency=200",
             "lightning.callbacks.image_logger.params.log_images_kwargs.ddim_steps=5"],
 }
 
