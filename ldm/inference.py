@@ -1,11 +1,11 @@
 """What every sampling script and notebook shares: load a model from a config and checkpoint, pick the device,
-autocast, run a named sampler with classifier-free guidance, and save numbered PNGs and a grid.
+build the sampling options from the command line, condition on prompts or classes, and save numbered PNGs and a
+grid. Sampling itself is :func:`ldm.models.diffusion.sampling.sample`, the one sampling path.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import enum
 import logging
 import math
 import sys
@@ -18,43 +18,12 @@ from PIL import Image
 
 from ldm.checkpoint import load_state_dict
 from ldm.data.base import UnusableImage, open_image, to_model_image
-from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.models.diffusion.denoiser import DiscreteDenoiser, SigmaDenoiser
-from ldm.models.diffusion.guidance import CFGGuider, Conditioning
-from ldm.models.diffusion.plms import PLMSSampler
-from ldm.models.diffusion.sampling import (
-    get_sigmas_from_model, get_sigmas_karras, initial_noise_scale, sample_ddpm, sample_dpmpp_2m, sample_euler,
-    sample_euler_ancestral, sample_heun,
-)
-from ldm.models.diffusion.timesteps import full_schedule
+from ldm.models.autoencoder import allow_missing_checkpoints
+from ldm.models.diffusion.guidance import Conditioning
+from ldm.models.diffusion.sampling import Precision, SamplerKind, SamplingOptions, SigmaSchedule, autocast
 from ldm.util import ConfigError, config_source, instantiate_from_config
 
 logger = logging.getLogger(__name__)
-
-
-class SamplerKind(str, enum.Enum):
-    DDIM = "ddim"
-    PLMS = "plms"
-    DPMPP_2M = "dpmpp_2m"
-    EULER = "euler"
-    EULER_ANCESTRAL = "euler_ancestral"
-    HEUN = "heun"
-    DDPM = "ddpm"
-
-
-SIGMA_SAMPLERS = {SamplerKind.DPMPP_2M: sample_dpmpp_2m, SamplerKind.EULER: sample_euler,
-                  SamplerKind.EULER_ANCESTRAL: sample_euler_ancestral, SamplerKind.HEUN: sample_heun}
-
-
-class SigmaSchedule(str, enum.Enum):
-    KARRAS = "karras"      # Karras et al. 2022, eq. 5, between the model's sigma_min and sigma_max
-    DISCRETE = "discrete"  # the model's own noise levels, evenly spaced in t
-
-
-class Precision(str, enum.Enum):
-    AUTOCAST = "autocast"  # float16 autocast on accelerators
-    BF16 = "bf16"          # bfloat16 autocast on accelerators
-    FULL = "full"
 
 
 def get_device(name: str | None = None) -> torch.device:
@@ -66,16 +35,6 @@ def get_device(name: str | None = None) -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def autocast(device: torch.device,
-             precision: str | Precision = Precision.AUTOCAST) -> contextlib.AbstractContextManager:
-    """Mixed precision on accelerators (float16 or bfloat16); a no-op on CPU or with ``full`` precision."""
-    precision = Precision(precision)
-    if precision is Precision.FULL or device.type == "cpu":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision is Precision.BF16 else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def load_config(*paths: str | Path) -> Any:
@@ -93,7 +52,8 @@ def load_model(config: str | Path, ckpt: str | Path | None, device: torch.device
     """Builds ``config.model`` and loads the weights of `ckpt` (safely: no code in the file runs).
 
     :param config: a YAML file with a ``model`` section (as the original's configs).
-    :param ckpt: a Lightning ``.ckpt`` or a ``.safetensors`` file (None keeps the random initialisation).
+    :param ckpt: a Lightning ``.ckpt`` or a ``.safetensors`` file (None keeps the random initialisation). It holds
+        the first stage's weights too, so a first-stage `ckpt_path` of the config need not exist then.
     :return: the model in eval mode on `device` (default: :func:`get_device`).
     :raises FileNotFoundError: naming the config or checkpoint path.
     :raises ConfigError: when the config has no ``model`` or the checkpoint does not fit it.
@@ -104,7 +64,7 @@ def load_model(config: str | Path, ckpt: str | Path | None, device: torch.device
     if ckpt is not None and not Path(ckpt).is_file():
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")
     with config_source(config):
-        model = instantiate_from_config(cfg.model)
+        model = instantiate_from_config(cfg.model if ckpt is None else allow_missing_checkpoints(cfg.model))
     if ckpt is not None:
         state_dict = load_state_dict(ckpt)
         missing, unexpected = model.load_state_dict(state_dict, strict=strict)
@@ -117,7 +77,7 @@ def load_model(config: str | Path, ckpt: str | Path | None, device: torch.device
     return model.to(get_device() if device is None else torch.device(device)).eval()
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
+def model_device(model: Any) -> torch.device:
     """The device of a model's schedule buffers (or of its parameters)."""
     for tensor in (*model.buffers(), *model.parameters()):
         return tensor.device
@@ -132,47 +92,17 @@ def downsampling_factor(model: Any) -> int:
     return model.decode_first_stage(z).shape[-1] // 4
 
 
-@torch.no_grad()
-def sample_latents(model: Any, sampler: str | SamplerKind, shape: Sequence[int], cond: Conditioning = None,
-                   uncond: Conditioning = None, scale: float = 1.0, steps: int = 50, eta: float = 0.0,
-                   x_T: torch.Tensor | None = None, mask: torch.Tensor | None = None, x0: torch.Tensor | None = None,
-                   verbose: bool = False,
-                   sigma_schedule: str | SigmaSchedule = SigmaSchedule.KARRAS) -> torch.Tensor:
-    """Samples latents of `shape` ([N x C x h x w]) with a named sampler and guidance ``uc + scale (c - uc)``.
-
-    The sigma-space samplers use `sigma_schedule` (default: Karras et al.'s noise levels between the model's
-    sigma_min and sigma_max); ``ddpm`` runs all of the model's steps (ignoring `steps`). `x_T` is standard
-    normal noise.
-    """
-    sampler = SamplerKind(sampler)
-    device = model_device(model)
-    x_T = torch.randn(tuple(shape), device=device) if x_T is None else x_T
-    if sampler in (SamplerKind.DDIM, SamplerKind.PLMS):
-        cls = DDIMSampler if sampler is SamplerKind.DDIM else PLMSSampler
-        out, _ = cls(model).sample(S=steps, batch_size=shape[0], shape=tuple(shape[1:]), conditioning=cond,
-                                   eta=eta, x_T=x_T, mask=mask, x0=x0, verbose=verbose,
-                                   unconditional_guidance_scale=scale, unconditional_conditioning=uncond)
-        return out
-    guider = CFGGuider(scale, uncond)
-    if sampler is SamplerKind.DDPM:
-        schedule = full_schedule(model.alphas_cumprod, model.alphas_cumprod_prev)
-        return sample_ddpm(DiscreteDenoiser(model, guider), x_T, schedule, extra_args={"cond": cond},
-                           disable=not verbose, mask=mask, x0=x0)
-    if mask is not None:
-        raise ValueError(f"the {sampler.value} sampler does not support masks; use ddim, plms or ddpm")
-    denoiser = SigmaDenoiser(model, guider)
-    if SigmaSchedule(sigma_schedule) is SigmaSchedule.KARRAS:
-        sigmas = get_sigmas_karras(steps, float(denoiser.sigma_min), float(denoiser.sigma_max), device=device)
-    else:
-        sigmas = get_sigmas_from_model(denoiser, steps).to(device)
-    x = x_T * initial_noise_scale(sigmas[0])
-    return SIGMA_SAMPLERS[sampler](denoiser, x, sigmas, extra_args={"cond": cond}, disable=not verbose)
-
-
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[N x 3 x H x W] images in [-1, 1] -> an [N x H x W x 3] uint8 array."""
     x = ((images.float().clamp(-1, 1) + 1) * 127.5).round()
     return x.permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
+
+
+@torch.no_grad()
+def decode_to_uint8(model: Any, z: torch.Tensor, precision: Precision | str = Precision.FULL) -> np.ndarray:
+    """Decodes latents [N x C x h x w] (with autocast at `precision` on accelerators) to [N x H x W x 3] uint8."""
+    with autocast(z.device, precision):
+        return to_uint8(model.decode_first_stage(z))
 
 
 def load_image(path: str | Path) -> torch.Tensor:
@@ -276,6 +206,12 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, outdir: str, config:
     parser.add_argument("--device", default=None, help="device (default: cuda, else mps, else cpu)")
 
 
+def sampling_options(opt: argparse.Namespace) -> SamplingOptions:
+    """The :class:`SamplingOptions` of the arguments of :func:`add_sampling_arguments`."""
+    return SamplingOptions(sampler=opt.sampler, steps=opt.ddim_steps, eta=opt.ddim_eta,
+                           sigma_schedule=opt.sigma_schedule, precision=opt.precision)
+
+
 def run_script(main: Callable[[], None]) -> None:
     """Runs a script's `main`, turning bad input (missing files, bad values) into a one-line error and exit 2."""
     try:
@@ -288,29 +224,31 @@ def run_script(main: Callable[[], None]) -> None:
 @torch.no_grad()
 def text_conditioning(model: Any, prompts: Sequence[str], negative_prompt: str = "",
                       scale: float = 1.0) -> tuple[Conditioning, Conditioning]:
-    """(c, uc) for a text model: the prompts' embeddings and, when guiding, the negative (default empty) one."""
+    """(c, uc) for a text model: the prompts' embeddings and, when guiding, the negative prompt's (by default
+    the model's null condition, the empty prompt)."""
     c = model.get_learned_conditioning(list(prompts))
-    uc = model.get_learned_conditioning([negative_prompt] * len(prompts)) if scale != 1.0 else None
-    return c, uc
+    if scale == 1.0:
+        return c, None
+    if negative_prompt:
+        return c, model.get_learned_conditioning([negative_prompt] * len(prompts))
+    return c, model.get_unconditional_conditioning(len(prompts))
 
 
 def null_class(model: Any) -> int:
     """The null label of a class-conditional model (``ucg_null_label`` or ``n_classes - 1``, as the original)."""
-    label = getattr(model, "null_label", None)
-    if label is None:
-        label = int(model.cond_stage_model.n_classes) - 1
-    return int(label)
+    if model.null_label is None:
+        raise ValueError(f"{type(model).__name__} has no null class (it is not class-conditional)")
+    return int(model.null_label)
 
 
 @torch.no_grad()
 def class_conditioning(model: Any, labels: torch.Tensor, scale: float = 1.0) -> tuple[Conditioning, Conditioning]:
     """(c, uc) for a class-conditional model and [N] labels; uc is the null class when guiding."""
-    key = getattr(model.cond_stage_model, "key", None) or model.cond_stage_key
     labels = labels.to(model_device(model))
-    c = model.get_learned_conditioning({key: labels})
-    uc = model.get_learned_conditioning({key: torch.full_like(labels, null_class(model))}) if scale != 1.0 else None
+    c = model.get_learned_conditioning({model.conditions.label_key: labels})
+    uc = model.get_unconditional_conditioning(len(labels)) if scale != 1.0 else None
     return c, uc
 
 
 def is_class_conditional(model: Any) -> bool:
-    return model.cond_stage_model is not None and hasattr(model.cond_stage_model, "n_classes")
+    return model.conditional and model.conditions.class_conditional

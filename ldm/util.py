@@ -183,13 +183,13 @@ def instantiate_from_config(config: Any, **extra: Any) -> Any:
 
 
 def parse_enum(enum_cls: type[E], value: Any, key: str) -> E:
-    """`value` as a member of `enum_cls` (members pass through); otherwise a ValueError naming the config `key`
-    and the valid values."""
+    """`value` as a member of `enum_cls` (members pass through); otherwise a :class:`ConfigError` (a ValueError)
+    naming the config `key` and the valid values."""
     try:
         return enum_cls(value)
     except ValueError:
         choices = ", ".join(repr(m.value) for m in enum_cls)
-        raise ValueError(f"unknown {key} {value!r}; choose one of {choices}") from None
+        raise ConfigError(f"unknown {key} {value!r}; choose one of {choices}") from None
 
 
 def parse_kind_config(config: Mapping[str, Any] | str | None, enum_cls: type[E], default: E, key: str,

@@ -29,23 +29,23 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from ldm.data.emoji import EmojiDataset
+from ldm.evaluation.classifier import conditional_accuracy, train_classifier
+from ldm.evaluation.fid import compute_fid
+from ldm.evaluation.inception import load_extractor
+from ldm.inference import get_device, load_model, text_conditioning, to_uint8
+from ldm.models.diffusion.sampling import SamplingOptions, sample
 
-from ldm.data.emoji import EmojiDataset  # noqa: E402
-from ldm.evaluation.classifier import conditional_accuracy, train_classifier  # noqa: E402
-from ldm.evaluation.fid import compute_fid  # noqa: E402
-from ldm.evaluation.inception import load_extractor  # noqa: E402
-from ldm.inference import autocast, get_device, load_model, sample_latents, to_uint8  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 logger = logging.getLogger("demo")
 
 QUICK_DATA = ["data.params.train.params.max_classes=4", "data.params.validation.params.max_classes=4"]
 QUICK_OVERRIDES = {
-    "autoencoder": QUICK_DATA + ["lightning.trainer.max_steps=30", "lightning.trainer.val_check_interval=15",
-                    "lightning.callbacks.image_logger.params.batch_frequency=15"],
-    "ldm": QUICK_DATA + ["lightning.trainer.max_steps=30", "lightning.trainer.val_check_interval=15",
-            "lightning.callbacks.image_logger.params.batch_frequency=15",
+    "autoencoder": QUICK_DATA + ["lightning.trainer.max_steps=200", "lightning.trainer.val_check_interval=100",
+                    "lightning.callbacks.image_logger.params.batch_frequency=100"],
+    "ldm": QUICK_DATA + ["lightning.trainer.max_steps=400", "lightning.trainer.val_check_interval=200",
+            "lightning.callbacks.image_logger.params.batch_frequency=200",
             "lightning.callbacks.image_logger.params.log_images_kwargs.ddim_steps=5"],
 }
 
@@ -62,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--scale", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--classifier-steps", type=int, default=200)
-    p.add_argument("--quick", action="store_true", help="a few steps of everything (a smoke test, not a model)")
+    p.add_argument("--quick", action="store_true",
+                   help="4 classes and a few hundred steps: a smoke test that already beats the untrained model")
     p.add_argument("--retrain", action="store_true", help="train both stages again even if finished runs exist")
     return p.parse_args(argv)
 
@@ -110,16 +111,15 @@ def sample_prompts(model, prompts: list[str], per_prompt: int, args: argparse.Na
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     wanted = [p for p in prompts for _ in range(per_prompt)]
+    options = SamplingOptions(sampler="ddim", steps=args.steps, precision="autocast")
     images = []
     for i in tqdm(range(0, len(wanted), batch_size), desc="sampling", unit="batch"):
         chunk = wanted[i:i + batch_size]
-        shape = (len(chunk), model.channels, model.image_size, model.image_size)
+        shape = model.latent_shape(len(chunk))
         x_T = torch.randn(shape, generator=gen).to(device)
-        with model.ema_scope(), autocast(device):
-            cond = model.get_learned_conditioning(chunk)
-            uncond = model.get_learned_conditioning([""] * len(chunk))
-            z = sample_latents(model, "ddim", shape, cond=cond, uncond=uncond, scale=args.scale, steps=args.steps,
-                               x_T=x_T)
+        with model.ema_scope():
+            cond, uncond = text_conditioning(model, chunk, scale=args.scale)
+            z = sample(model, shape, cond, uncond=uncond, scale=args.scale, options=options, x_T=x_T).samples
             images.append(model.decode_first_stage(z).float().clamp(-1, 1).cpu())
     return torch.cat(images)
 
@@ -170,7 +170,7 @@ def measure(sets: dict[str, tuple[torch.Tensor, torch.Tensor]], reference: torch
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.quick:
-        args.steps, args.samples_per_prompt, args.eval_per_class, args.classifier_steps = 5, 2, 2, 20
+        args.steps, args.samples_per_prompt, args.eval_per_class, args.classifier_steps = 10, 2, 8, 100
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     outdir = Path(args.outdir).resolve()
     outdir.mkdir(parents=True, exist_ok=True)
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     timings["stage_two_s"] = round(time.time() - t0 - timings["stage_one_s"], 1)
 
     t1 = time.time()
-    device = get_device("cuda:0" if args.gpus is not None and torch.cuda.is_available() else "cpu")
+    device = get_device() if args.gpus is not None else torch.device("cpu")
     config = project_config(ldm_run)
     model = load_model(config, ldm_run / "checkpoints" / "last.ckpt", device=device, strict=True)
     untrained = load_model(config, None, device=device)

@@ -20,17 +20,14 @@ import argparse
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from omegaconf import OmegaConf
 
-from omegaconf import OmegaConf  # noqa: E402
-
-from ldm.evaluation.evaluate import (Metric, evaluate_first_stage, evaluate_samples, image_batches,  # noqa: E402
+from ldm.evaluation.evaluate import (Metric, evaluate_first_stage, evaluate_samples, image_batches,
                                      load_eval_dataset, load_first_stage)
-from ldm.evaluation.features import reference_stats  # noqa: E402
-from ldm.evaluation.inception import ExtractorKind, default_device, load_extractor  # noqa: E402
+from ldm.evaluation.features import reference_stats
+from ldm.evaluation.inception import ExtractorKind, default_device, load_extractor
 
 LABELS = {"fid": "FID", "kid_mean": "KID (mean)", "kid_std": "KID (std)", "is_mean": "Inception Score (mean)",
           "is_std": "Inception Score (std)", "precision": "Precision", "recall": "Recall", "psnr": "PSNR (dB)",

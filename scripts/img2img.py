@@ -8,20 +8,18 @@ Writes ``OUTDIR/samples/NNNNN.png`` and ``OUTDIR/grid-NNNN.png``. The image is c
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from ldm.inference import (  # noqa: E402
-    add_sampling_arguments, autocast, class_conditioning, downsampling_factor, ema_weights, get_device,
+from ldm.inference import (
+    add_sampling_arguments, class_conditioning, decode_to_uint8, downsampling_factor, ema_weights, get_device,
     is_class_conditional, load_image, load_model, run_script, save_grid, save_samples, seed_everything,
-    text_conditioning, to_uint8,
+    text_conditioning,
 )
-from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.sampling import autocast
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,18 +58,19 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"image {opt.init_img} is smaller than {multiple} pixels")
     image = image[..., :h, :w].to(device)
     seed_everything(opt.seed)
-    sampler = DDIMSampler(model)
+    sampler = DDIMSampler(model, precision=opt.precision)
     sampler.make_schedule(opt.ddim_steps, ddim_eta=opt.ddim_eta, verbose=False)
     t_enc = max(1, int(opt.strength * len(sampler.ddim_timesteps)))
     images = []
-    with torch.no_grad(), autocast(device, opt.precision), ema_weights(model):
-        init = model.get_first_stage_encoding(model.encode_first_stage(image)).repeat(opt.n_samples, 1, 1, 1)
+    with torch.no_grad(), ema_weights(model):
+        with autocast(device, opt.precision):
+            init = model.get_first_stage_encoding(model.encode_first_stage(image)).repeat(opt.n_samples, 1, 1, 1)
         c, uc = conditioning(model, opt)
         for _ in range(opt.n_iter):
             z = sampler.stochastic_encode(init, torch.full((opt.n_samples,), t_enc - 1, device=device))
             z = sampler.decode(z, c, t_enc, unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc,
                                verbose=False)
-            batch = to_uint8(model.decode_first_stage(z))
+            batch = decode_to_uint8(model, z, opt.precision)
             save_samples(batch, opt.outdir)
             images.append(batch)
     grid = save_grid(np.concatenate(images), opt.outdir, opt.n_rows or opt.n_samples)

@@ -1,26 +1,27 @@
 """Inpainting with a latent diffusion model conditioned on the masked image and the mask (as the original).
 
 ``--indir`` holds pairs ``NAME.png`` + ``NAME_mask.png`` (white = fill in). For each pair the model samples
-from ``c = cat(E(masked image), mask)``; the result keeps the known pixels and is written to ``OUTDIR/NAME.png``.
+from ``c = cat(E(masked image), mask)``, built exactly as the original script did (the masked pixels are black,
+-1, as the released inpainting model was trained); the result keeps the known pixels and is written to
+``OUTDIR/NAME.png``.
 
     python scripts/inpaint.py --indir data/inpainting_examples --outdir outputs/inpainting_results --steps 50
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from ldm.inference import (  # noqa: E402
-    add_sampling_arguments, autocast, downsampling_factor, ema_weights, get_device, load_image, load_model,
-    run_script, sample_latents, seed_everything, to_uint8,
+from ldm.inference import (
+    add_sampling_arguments, downsampling_factor, ema_weights, get_device, load_image, load_model, run_script,
+    sampling_options, seed_everything, to_uint8,
 )
+from ldm.models.diffusion.conditioning import mask_channel
+from ldm.models.diffusion.sampling import autocast, sample
 
 MASK_SUFFIX = "_mask"
 
@@ -59,15 +60,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def masked_image(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The original script's masked image: ``((1 - mask) * image01) * 2 - 1`` with image01 the image in [0, 1],
+    i.e. the pixels to fill are black (-1) in [-1, 1]. `image` [N x 3 x H x W] in [-1, 1], `mask` [N x 1 x H x W]
+    in {0, 1} (1 = fill in)."""
+    return ((1 - mask) * (image + 1) / 2) * 2 - 1
+
+
+@torch.no_grad()
+def inpainting_conditioning(model, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``c = cat(E(masked image), mask)`` as the original script builds it: the first stage's encoding of
+    :func:`masked_image` and the mask mapped to {-1, 1}, resized (nearest) to the latent size."""
+    c = model.get_learned_conditioning(masked_image(image, mask))
+    return torch.cat([c, mask_channel(mask, c.shape[-2:])], dim=1)
+
+
 @torch.no_grad()
 def inpaint(model, image: torch.Tensor, mask: torch.Tensor, opt: argparse.Namespace) -> torch.Tensor:
     """The inpainted [1 x 3 x H x W] image in [-1, 1]: sampled inside the mask, `image` outside."""
-    masked = (1 - mask) * image
-    c = model.get_learned_conditioning(masked)
-    c = torch.cat([c, torch.nn.functional.interpolate(2 * mask - 1, size=c.shape[-2:])], dim=1)
-    z = sample_latents(model, opt.sampler, (1, c.shape[1] - 1, *c.shape[-2:]), c, None, 1.0, opt.ddim_steps,
-                       opt.ddim_eta, sigma_schedule=opt.sigma_schedule)
-    predicted = model.decode_first_stage(z).clamp(-1, 1)
+    with autocast(image.device, opt.precision):
+        c = inpainting_conditioning(model, image, mask)
+    z = sample(model, (1, c.shape[1] - 1, *c.shape[-2:]), c, options=sampling_options(opt)).samples
+    with autocast(image.device, opt.precision):
+        predicted = model.decode_first_stage(z).float().clamp(-1, 1)
     return (1 - mask) * image + mask * predicted
 
 
@@ -80,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     seed_everything(opt.seed)
     outdir = Path(opt.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    with autocast(device, opt.precision), ema_weights(model):
+    with ema_weights(model):
         for image_path, mask_path in pairs:
             image = load_image(image_path)
             h, w = image.shape[-2:]

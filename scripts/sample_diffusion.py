@@ -8,18 +8,16 @@ Writes ``OUTDIR/samples/NNNNN.png``, ``OUTDIR/grid-NNNN.png`` and, with ``--npz`
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from ldm.inference import (  # noqa: E402
-    add_sampling_arguments, autocast, class_conditioning, ema_weights, get_device, is_class_conditional,
-    load_model, null_class, run_script, sample_latents, save_grid, save_samples, seed_everything, to_uint8,
+from ldm.inference import (
+    add_sampling_arguments, class_conditioning, decode_to_uint8, ema_weights, get_device, is_class_conditional,
+    load_model, null_class, run_script, sampling_options, save_grid, save_samples, seed_everything,
 )
+from ldm.models.diffusion.sampling import sample
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,17 +55,16 @@ def main(argv: list[str] | None = None) -> None:
     seed_everything(opt.seed)
     labels = labels_for(model, opt, opt.n_total or opt.n_samples * opt.n_iter)
     total = len(labels) if labels is not None else (opt.n_total or opt.n_samples * opt.n_iter)
+    options = sampling_options(opt)
     images = []
-    with torch.no_grad(), autocast(device, opt.precision), ema_weights(model):
+    with torch.no_grad(), ema_weights(model):
         for start in range(0, total, opt.n_samples):
             n = min(opt.n_samples, total - start)
             c = uc = None
             if labels is not None:
                 c, uc = class_conditioning(model, labels[start:start + n], opt.scale)
-            shape = (n, model.channels, model.image_size, model.image_size)
-            z = sample_latents(model, opt.sampler, shape, c, uc, opt.scale, opt.ddim_steps, opt.ddim_eta,
-                               sigma_schedule=opt.sigma_schedule)
-            batch = to_uint8(model.decode_first_stage(z))
+            z = sample(model, model.latent_shape(n), c, uncond=uc, scale=opt.scale, options=options).samples
+            batch = decode_to_uint8(model, z, opt.precision)
             save_samples(batch, opt.outdir)
             images.append(batch)
     images = np.concatenate(images)

@@ -8,18 +8,16 @@ The LR image, in [-1, 1], is concatenated to the latent at the latent's size, so
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from ldm.inference import (  # noqa: E402
-    add_sampling_arguments, autocast, downsampling_factor, ema_weights, get_device, load_image, load_model,
-    run_script, sample_latents, save_grid, save_samples, seed_everything, to_uint8,
+from ldm.inference import (
+    add_sampling_arguments, decode_to_uint8, downsampling_factor, ema_weights, get_device, load_image, load_model,
+    run_script, sampling_options, save_grid, save_samples, seed_everything,
 )
+from ldm.models.diffusion.sampling import sample
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,13 +39,13 @@ def main(argv: list[str] | None = None) -> None:
     f = downsampling_factor(model)
     seed_everything(opt.seed)
     h, w = lr.shape[-2:]
+    options = sampling_options(opt)
     images = []
-    with torch.no_grad(), autocast(device, opt.precision), ema_weights(model):
+    with torch.no_grad(), ema_weights(model):
         c = model.get_learned_conditioning(lr.to(device).repeat(opt.n_samples, 1, 1, 1))
         for _ in range(opt.n_iter):
-            z = sample_latents(model, opt.sampler, (opt.n_samples, model.channels, h, w), c, None, 1.0,
-                               opt.ddim_steps, opt.ddim_eta, sigma_schedule=opt.sigma_schedule)
-            batch = to_uint8(model.decode_first_stage(z))
+            z = sample(model, (opt.n_samples, model.channels, h, w), c, options=options).samples
+            batch = decode_to_uint8(model, z, opt.precision)
             save_samples(batch, opt.outdir)
             images.append(batch)
     grid = save_grid(np.concatenate(images), opt.outdir, opt.n_rows or opt.n_samples)

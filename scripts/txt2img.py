@@ -8,18 +8,16 @@ training size (``--H``/``--W``) sample convolutionally.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from ldm.inference import (  # noqa: E402
-    add_sampling_arguments, autocast, downsampling_factor, ema_weights, get_device, load_model, run_script,
-    sample_latents, save_grid, save_samples, seed_everything, text_conditioning, to_uint8,
+from ldm.inference import (
+    add_sampling_arguments, decode_to_uint8, downsampling_factor, ema_weights, get_device, load_model, run_script,
+    sampling_options, save_grid, save_samples, seed_everything, text_conditioning,
 )
+from ldm.models.diffusion.sampling import sample
 
 
 def read_prompts(opt: argparse.Namespace) -> list[str]:
@@ -60,14 +58,14 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"--H {opt.H} and --W {opt.W} must be multiples of the first stage's factor {f}")
     seed_everything(opt.seed)
     shape = (opt.n_samples, model.channels, opt.H // f, opt.W // f)
+    options = sampling_options(opt)
     images = []
-    with torch.no_grad(), autocast(device, opt.precision), ema_weights(model):
+    with torch.no_grad(), ema_weights(model):
         for prompt in prompts:
             for _ in range(opt.n_iter):
                 c, uc = text_conditioning(model, [prompt] * opt.n_samples, opt.negative_prompt, opt.scale)
-                z = sample_latents(model, opt.sampler, shape, c, uc, opt.scale, opt.ddim_steps, opt.ddim_eta,
-                                   sigma_schedule=opt.sigma_schedule)
-                batch = to_uint8(model.decode_first_stage(z))
+                z = sample(model, shape, c, uncond=uc, scale=opt.scale, options=options).samples
+                batch = decode_to_uint8(model, z, opt.precision)
                 save_samples(batch, opt.outdir)
                 images.append(batch)
     grid = save_grid(np.concatenate(images), opt.outdir, opt.n_rows or opt.n_samples)

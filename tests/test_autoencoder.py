@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.checkpoint import load_state_dict
-from ldm.models.autoencoder import (AutoencoderKL, IdentityFirstStage, VQModel, VQModelInterface,
+from ldm.models.autoencoder import (AutoencoderKL, IdentityFirstStage, VQAutoencoder, VQModel, VQModelInterface,
                                     allow_missing_checkpoints)
 from ldm.modules.diffusionmodules.model import AttnBlock, Downsample, Encoder, LinAttnBlock, split_ddconfig
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
@@ -86,7 +86,7 @@ def test_reference_first_stage_config_instantiates(path, fake_vgg):
     assert model.embed_dim == p.embed_dim and getattr(model, "monitor", None) == p.get("monitor")
     sd = model.state_dict()
     z = p.ddconfig.z_channels
-    if isinstance(model, VQModel):
+    if isinstance(model, VQAutoencoder):
         assert sd["quantize.embedding.weight"].shape == (p.n_embed, p.embed_dim)
         assert sd["quant_conv.weight"].shape == (p.embed_dim, z, 1, 1)
         assert "loss.discriminator.main.0.weight" in sd and "loss.logvar" not in sd
@@ -105,8 +105,8 @@ def test_first_stage_of_ldm_configs_instantiates(path):
         with pytest.raises(FileNotFoundError, match=str(ckpt).replace(".", r"\.")):
             with torch.device("meta"):
                 instantiate_from_config(cfg)
-    with torch.device("meta"), allow_missing_checkpoints():
-        model = instantiate_from_config(cfg)
+    with torch.device("meta"):
+        model = instantiate_from_config(allow_missing_checkpoints(cfg))
     assert not any(k.startswith("loss.") for k in model.state_dict())
     _check_latent_shapes(model, cfg.params.ddconfig, cfg.params.embed_dim, 64, "meta")
 
@@ -270,16 +270,30 @@ def test_checkpoint_roundtrip_strict_and_loss_keys_ignored_inside_ldm(kind, tmp_
         make(loss_cfg).load_state_dict(partial, strict=True)
 
 
-def test_missing_ckpt_path_error_and_switch(tmp_path, monkeypatch):
+def test_missing_ckpt_path_error_and_explicit_switch(tmp_path, monkeypatch):
     missing = tmp_path / "nope" / "model.ckpt"
     kw = dict(ddconfig=_tiny_ddconfig(), lossconfig=IDENTITY_LOSS, embed_dim=3, ckpt_path=str(missing))
-    with pytest.raises(FileNotFoundError, match="allow_missing_checkpoints") as e:
+    with pytest.raises(FileNotFoundError, match="allow_missing_ckpt") as e:
         AutoencoderKL(**kw)
     assert str(missing) in str(e.value)
-    with allow_missing_checkpoints():
-        assert AutoencoderKL(**kw).embed_dim == 3
-    monkeypatch.setenv("LDM_ALLOW_MISSING_CKPT", "1")
-    assert AutoencoderKL(**kw).embed_dim == 3
+    torch.manual_seed(0)
+    built = AutoencoderKL(**kw, allow_missing_ckpt=True)
+    torch.manual_seed(0)
+    fresh = AutoencoderKL(**{**kw, "ckpt_path": None})
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in built.state_dict().items())  # initial weights
+    monkeypatch.setenv("LDM_ALLOW_MISSING_CKPT", "1")  # no environment variable changes a constructor
+    with pytest.raises(FileNotFoundError):
+        AutoencoderKL(**kw)
+    # the function sets the parameter on every first stage of a config, at any depth, and copies the config
+    ldm_cfg = {"target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+               "params": {"first_stage_config": {"target": "ldm.models.autoencoder.VQModelInterface",
+                                                 "params": {"ckpt_path": str(missing), "n_embed": 8}},
+                          "cond_stage_config": {"target": "ldm.modules.encoders.modules.ClassEmbedder"}}}
+    out = allow_missing_checkpoints(ldm_cfg)
+    assert out["params"]["first_stage_config"]["params"] == {"ckpt_path": str(missing), "n_embed": 8,
+                                                             "allow_missing_ckpt": True}
+    assert "params" not in out["params"]["cond_stage_config"]
+    assert "allow_missing_ckpt" not in ldm_cfg["params"]["first_stage_config"]["params"]
 
 
 def test_ignore_keys_when_loading(tmp_path):
@@ -401,8 +415,13 @@ def test_identity_first_stage():
 
 
 def test_model_copies_share_no_state():
-    """deepcopy (used by EMA / checkpoint callbacks) keeps the load hook working on the copy."""
+    """deepcopy (used by EMA / checkpoint callbacks) gives a model with its own tensors whose load hook (drop the
+    foreign `loss.*` keys) works on the copy, and loading into the copy leaves the original alone."""
     a = AutoencoderKL(ddconfig=_tiny_ddconfig(), lossconfig=IDENTITY_LOSS, embed_dim=3)
     b = copy.deepcopy(a)
-    sd = {**a.state_dict(), "loss.logvar": torch.tensor(0.0)}
+    before = {k: v.clone() for k, v in a.state_dict().items()}
+    assert {v.data_ptr() for v in a.state_dict().values()}.isdisjoint(v.data_ptr() for v in b.state_dict().values())
+    sd = {**{k: v + 1 for k, v in before.items()}, "loss.logvar": torch.tensor(0.0)}
     b.load_state_dict(sd, strict=True)
+    assert all(torch.equal(v, sd[k]) for k, v in b.state_dict().items())
+    assert all(torch.equal(v, before[k]) for k, v in a.state_dict().items())

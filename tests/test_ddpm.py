@@ -234,15 +234,18 @@ def test_bf16_autocast_loss_close_to_fp32():
 @pytest.mark.parametrize("p", ["eps", "x0", "v"])
 def test_posterior_of_an_oracle_output_is_the_true_posterior(p):
     """An output equal to the exact target gives p(x_{t-1} | x_t) = q(x_{t-1} | x_t, x0) for each parameterisation."""
-    from ldm.models.diffusion import ancestral
+    from ldm.models.diffusion.parameterization import NoisyInput, Prediction
 
     torch.manual_seed(0)
     m = make_ddpm(parameterization=p, timesteps=100)
     x0, eps = torch.rand(3, 3, 4, 4) * 2 - 1, torch.randn(3, 3, 4, 4)
     t = torch.tensor([1, 40, 90])
     xt = m.q_sample(x0, t, eps)
-    mean, var, log_var, x0_hat = ancestral.p_mean_variance(m, m.get_target(x0, eps, t), xt, t, clip_denoised=False)
+    alpha = m.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1)
+    sigma = m.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1)
+    x0_hat = Prediction.from_output(m.parameterization, m.get_target(x0, eps, t), NoisyInput(xt, t, alpha, sigma)).x0
     torch.testing.assert_close(x0_hat, x0, rtol=1e-4, atol=1e-4)
+    mean, var, log_var = m.q_posterior(x0_hat, xt, t)
     q_mean, q_var, _ = m.q_posterior(x0, xt, t)
     torch.testing.assert_close(mean, q_mean, rtol=1e-4, atol=1e-4)
     expected_mean = (m.betas[t] * m.alphas_cumprod_prev[t].sqrt() / (1 - m.alphas_cumprod[t])).view(-1, 1, 1, 1) * x0 \

@@ -163,10 +163,38 @@ def test_cfg_dropout_rate_and_unconditional_conditioning():
     assert c_text.abs().sum() == 0  # the tiny encoder maps the empty caption to zeros
 
 
+def test_one_dropout_owner_for_an_embedder_with_its_own_ucg_rate():
+    """A ClassEmbedder's own ucg_rate (SD2-style configs) is applied once, by the model, where the returned raw
+    conditioning shows it; together with the model's ucg_rate it is refused (it would drop twice)."""
+    embedder = {"target": "ldm.modules.encoders.modules.ClassEmbedder",
+                "params": {"embed_dim": 8, "n_classes": 5, "key": "class_label", "ucg_rate": 0.5}}
+    torch.manual_seed(0)
+    m = make_ldm(cond_stage_config=embedder, cond_stage_key="class_label", conditioning_key="crossattn")
+    n = 4000
+    batch = {"image": torch.zeros(n, 1, 1, 3), "class_label": torch.zeros(n, dtype=torch.long)}
+    _, c, xc = m.get_input(batch, "image", return_original_cond=True, cond_dropout=True)
+    dropped = xc["class_label"] == 4
+    assert abs(dropped.float().mean().item() - 0.5) < 0.04
+    weight = m.cond_stage_model.embedding.weight
+    torch.testing.assert_close(c[:, 0], weight[xc["class_label"]])  # c is the encoding of what xc says
+    from ldm.util import ConfigError
+    with pytest.raises(ConfigError, match="conditioning dropout is set twice"):
+        make_ldm(cond_stage_config=embedder, cond_stage_key="class_label", conditioning_key="crossattn",
+                 ucg_rate=0.1)
+
+
 def test_shorten_cond_schedule_noises_conditioning():
     m = make_ldm(cond_stage_config={"target": "torch.nn.Identity"}, conditioning_key="crossattn",
                  num_timesteps_cond=5)
     assert m.cond_ids[:5].tolist() == [0, 5, 10, 14, 19] and (m.cond_ids[5:] == 19).all()
+    # ancestral sampling noises the given conditioning at each step, as training does (not compounding)
+    cond = torch.full((2, 3, 8), 2.0)
+    m.p_sample_loop(cond, (2, 3, 4, 4), verbose=False)
+    contexts = {int(call["t"][0]): call["context"] for call in unet(m).calls}
+    a = m.alphas_cumprod[19]
+    first = contexts[19]  # cond_ids[19] = 19
+    assert abs(first.mean().item() - 2.0 * a.sqrt().item()) < 0.2 and abs(first.std() - (1 - a).sqrt()) < 0.15
+    torch.testing.assert_close(contexts[0], m.sqrt_alphas_cumprod[0] * cond, atol=0.1, rtol=0)  # t = 0: barely
     with pytest.raises(ValueError, match="num_timesteps_cond"):
         make_ldm(num_timesteps_cond=50)
 

@@ -14,7 +14,6 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 
-
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=1500)
@@ -50,8 +49,12 @@ def test_demo_trains_both_stages_and_writes_grid_and_metrics(demo_run):
     assert set(results) == {"trained", "untrained", "real"}
     for r in results.values():
         assert np.isfinite(r["fid"]) and r["fid"] >= 0 and 0.0 <= r["accuracy"] <= 1.0
-    # held-out real renders are far closer to the reference renders than an untrained model's samples
-    assert results["real"]["fid"] < 0.5 * results["untrained"]["fid"]
+    # training helps: the trained model's samples beat the untrained model's in FID and conditional accuracy
+    # (the untrained one draws the same blob for every prompt: chance accuracy), and real renders beat both
+    trained, untrained, real = results["trained"], results["untrained"], results["real"]
+    assert trained["fid"] < 0.9 * untrained["fid"], results
+    assert trained["accuracy"] > untrained["accuracy"], results
+    assert real["fid"] < trained["fid"] and real["accuracy"] > trained["accuracy"], results
     assert "Sample grid:" in proc.stdout and "metrics.json" in proc.stdout
 
 
@@ -68,7 +71,7 @@ def test_evaluate_script_on_demo_samples(demo_run, tmp_path):
     outdir, _ = demo_run
     samples = np.load(outdir / "samples.npz")
     assert samples["arr_0"].dtype == np.uint8 and samples["arr_0"].shape[1:] == (32, 32, 3)
-    assert len(samples["arr_0"]) == len(samples["arr_1"]) == 4 * 2
+    assert len(samples["arr_0"]) == len(samples["arr_1"]) == 4 * 8
     out = tmp_path / "eval.json"
     proc = _run([str(REPO / "scripts" / "evaluate.py"), "--samples", str(outdir / "samples.npz"),
                  "--reference", str(outdir / "reference.npz"), "--metrics", "fid,pr", "--json", str(out),

@@ -19,7 +19,8 @@ from ldm.modules.encoders.modules import (
     TransformerEmbedder,
 )
 from ldm.modules.x_transformer import Attention, Encoder, TransformerWrapper
-from ldm.util import instantiate_from_config
+from ldm.models.diffusion.conditioning import ConditionBuilder
+from ldm.util import ConfigError, instantiate_from_config
 from tests.test_unet import INDEX, assert_matches_manifest, reference_config
 
 
@@ -90,17 +91,23 @@ def test_class_embedder_looks_up_labels_from_the_batch():
     assert torch.equal(emb({"y": labels}, key="y"), out)
     with pytest.raises(KeyError, match="class_label"):
         emb({"label": labels})
-    uc = emb.get_unconditional_conditioning(2)
+    # the null condition is the model's (one owner): the last class, under the embedder's key
+    uc = ConditionBuilder("class_label", "image", emb).null(2)
     assert set(uc) == {"class_label"} and uc["class_label"].tolist() == [4, 4]
 
 
-def test_class_embedder_ucg_dropout_only_in_training():
+def test_class_embedder_ucg_rate_is_applied_once_by_the_condition_owner():
     emb = ClassEmbedder(embed_dim=4, n_classes=3, ucg_rate=1.0)
     labels = torch.tensor([0, 1, 0])
-    null = emb.embedding.weight[2]
-    assert torch.equal(emb(labels)[:, 0], null.expand(3, 4))
-    emb.eval()
-    assert torch.equal(emb(labels)[:, 0], emb.embedding.weight[labels])
+    assert emb.train().training
+    assert torch.equal(emb(labels)[:, 0], emb.embedding.weight[labels])  # the embedder only encodes
+    builder = ConditionBuilder("class_label", "image", emb)
+    assert builder.ucg_rate == 1.0  # an SD2-style embedder rate is adopted by the owner
+    dropped = builder.drop({"class": labels})  # the embedder's key
+    assert dropped["class"].tolist() == [2, 2, 2]
+    assert torch.equal(emb(dropped)[:, 0], emb.embedding.weight[2].expand(3, 4))
+    with pytest.raises(ConfigError, match="ucg_rate=0.1 and cond_stage_config.params.ucg_rate=1.0"):
+        ConditionBuilder("class_label", "image", emb, ucg_rate=0.1)  # two rates would drop twice
     with pytest.raises(ValueError, match="ucg_rate"):
         ClassEmbedder(4, ucg_rate=1.5)
 
@@ -188,8 +195,7 @@ def test_bert_embedder_end_to_end(bert_vocab_dir):
     out = emb(["a cat", "a dog", "a cat"])
     assert out.shape == (3, 12, 16)
     assert torch.equal(out[0], out[2]) and not torch.allclose(out[0], out[1])
-    uc = emb.get_unconditional_conditioning(2)
-    assert torch.allclose(uc, emb.encode(["", ""]))
+    assert ConditionBuilder("caption", "image", emb).null(2) == ["", ""]  # the empty prompt, from the owner
     tokens = emb.tknz_fn(["a cat"])
     raw = BERTEmbedder(n_embed=16, n_layer=1, max_seq_len=12, use_tokenizer=False)
     raw.load_state_dict(emb.state_dict(), strict=True)
@@ -269,7 +275,6 @@ def test_frozen_hf_text_embedder_identical_and_different_prompts(minilm):
     assert torch.equal(out[0], out[2])
     assert (out[0, :5] - out[1, :5]).abs().max() > 1e-2
     assert all(not p.requires_grad for p in minilm.parameters())
-    assert torch.allclose(minilm.get_unconditional_conditioning(1), minilm([""]))
 
 
 def test_frozen_hf_text_embedder_padding_is_masked(minilm, bert_vocab_dir):

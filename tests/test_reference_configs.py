@@ -37,8 +37,8 @@ def build_on_meta(model_cfg):
     """The model of a config on the meta device; only a text encoder that would need a download is replaced."""
     if "FrozenCLIPEmbedder" in str(model_cfg.params.cond_stage_config):
         model_cfg = OmegaConf.merge(model_cfg, {"params": {"cond_stage_config": CLIP_STANDIN}})
-    with allow_missing_checkpoints(), torch.device("meta"):
-        return instantiate_from_config(model_cfg)
+    with torch.device("meta"):
+        return instantiate_from_config(allow_missing_checkpoints(model_cfg))
 
 
 def expected_keys(model: LatentDiffusion, rel: str) -> dict[str, tuple[int, ...]]:

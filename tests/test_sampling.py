@@ -172,8 +172,8 @@ def test_ddim_buffers_follow_the_model_device_and_dtype(net):
 
 def test_ddim_eta_one_is_ancestral_ddpm_step_for_step():
     """With all T steps and eta = 1, each DDIM step has the DDPM posterior's mean and variance."""
-    from ldm.models.diffusion.denoiser import DiscreteDenoiser
-    from ldm.models.diffusion.sampling import sample_ddpm
+    from ldm.models.diffusion.denoiser import Denoiser
+    from ldm.models.diffusion.discrete import sample_ddpm
     from ldm.models.diffusion.timesteps import full_schedule
 
     model = TinyNetModel(channels=3, timesteps=50)
@@ -183,7 +183,7 @@ def test_ddim_eta_one_is_ancestral_ddpm_step_for_step():
     sampler.make_schedule(10, ddim_eta=1.0, verbose=False)
     ddim, _ = sampler.ddim_sampling(None, x_T.shape, x_T=x_T.clone(), ddim_use_original_steps=True, verbose=False)
     torch.manual_seed(2)
-    ddpm = sample_ddpm(DiscreteDenoiser(model), x_T.clone(),
+    ddpm = sample_ddpm(Denoiser(model), x_T.clone(),
                        full_schedule(model.alphas_cumprod, model.alphas_cumprod_prev), disable=True)
     torch.testing.assert_close(ddim, ddpm, rtol=1e-4, atol=1e-4)
     # the per-step DDIM variance is the posterior variance buffer of the original DDPM
@@ -193,14 +193,14 @@ def test_ddim_eta_one_is_ancestral_ddpm_step_for_step():
 
 def test_ddim_eta_one_matches_ddpm_in_distribution():
     """On Gaussian data N(mu, s^2), ancestral DDPM and all-step eta=1 DDIM (other noise) recover mu and s."""
-    from ldm.models.diffusion.denoiser import DiscreteDenoiser
-    from ldm.models.diffusion.sampling import sample_ddpm
+    from ldm.models.diffusion.denoiser import Denoiser
+    from ldm.models.diffusion.discrete import sample_ddpm
     from ldm.models.diffusion.timesteps import full_schedule
 
     model = GaussianModel("eps", mu=0.3, s=0.5)
     torch.manual_seed(3)
     n = 20000
-    ddpm = sample_ddpm(DiscreteDenoiser(model), torch.randn(n, 1),
+    ddpm = sample_ddpm(Denoiser(model), torch.randn(n, 1),
                        full_schedule(model.alphas_cumprod, model.alphas_cumprod_prev), disable=True)
     sampler = DDIMSampler(model)
     sampler.make_schedule(50, ddim_eta=1.0, verbose=False)

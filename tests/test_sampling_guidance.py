@@ -6,53 +6,67 @@ import torch
 
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.denoiser import SigmaDenoiser
-from ldm.models.diffusion.guidance import CFGGuider, concat_conditionings
-from ldm.models.diffusion.sampling import get_sigmas_karras, sample_dpmpp_2m
+from ldm.models.diffusion.guidance import CFGGuider, GuidanceTerm, concat_conditionings
+from ldm.models.diffusion.parameterization import NoisyInput, Prediction
+from ldm.models.diffusion.sigma_samplers import get_sigmas_karras, sample_dpmpp_2m
 
 from tests.test_sampling_models import GaussianModel, TinyNetModel, single_thread  # noqa: F401
 
 
 class Recorder:
-    """apply(x, t, cond) = x * t + a function of cond; records every call's batch size."""
+    """predict(inp, cond): eps = x * t + a function of cond, x0 = eps / 2 - x; records every call's batch size."""
 
     def __init__(self):
         self.batches = []
 
-    def __call__(self, x, t, cond):
-        self.batches.append(x.shape[0])
+    def __call__(self, inp, cond):
+        self.batches.append(inp.x.shape[0])
         if isinstance(cond, dict):
             extra = cond["c_concat"][0].mean(dim=(1, 2, 3)) * 10 + cond["c_crossattn"][0].sum(dim=(1, 2))
         elif isinstance(cond, list):
             extra = sum(c.flatten(1).sum(1) for c in cond)
         else:
             extra = cond.flatten(1).sum(1)
-        return x * t.float().reshape(-1, 1, 1, 1) + extra.reshape(-1, 1, 1, 1)
+        eps = inp.x * inp.t.float().reshape(-1, 1, 1, 1) + extra.reshape(-1, 1, 1, 1)
+        return Prediction(eps / 2 - inp.x, eps)
+
+
+def noisy(x, t):
+    a = torch.linspace(0.9, 0.1, x.shape[0]).reshape(-1, 1, 1, 1)
+    return NoisyInput(x, t, a.sqrt(), (1 - a).sqrt())
+
+
+def assert_guided(out, predict, inp, c, uc, scale):
+    u, k = predict(inp, uc), predict(inp, c)
+    torch.testing.assert_close(out.eps, u.eps + scale * (k.eps - u.eps))
+    torch.testing.assert_close(out.x0, u.x0 + scale * (k.x0 - u.x0))
 
 
 def test_guidance_is_uc_plus_scale_times_difference_in_one_forward():
-    apply = Recorder()
-    x, t = torch.randn(3, 2, 4, 4), torch.tensor([5, 9, 100])
+    predict = Recorder()
+    inp = noisy(torch.randn(3, 2, 4, 4), torch.tensor([5, 9, 100]))
     c, uc = torch.randn(3, 7, 8), torch.randn(3, 7, 8)
-    out = CFGGuider(4.0, uc)(apply, x, t, c)
-    assert apply.batches == [6]
-    expected = apply(x, t, uc) + 4.0 * (apply(x, t, c) - apply(x, t, uc))
-    torch.testing.assert_close(out, expected)
+    out = CFGGuider(4.0, uc)(predict, inp, c)
+    assert predict.batches == [6]
+    assert_guided(out, predict, inp, c, uc, 4.0)
 
 
 def test_scale_one_or_no_uncond_is_one_conditional_forward():
-    x, t, c = torch.randn(2, 1, 2, 2), torch.tensor([3, 4]), torch.randn(2, 5)
+    inp, c = noisy(torch.randn(2, 1, 2, 2), torch.tensor([3, 4])), torch.randn(2, 5)
     for guider in (CFGGuider(1.0, torch.zeros(2, 5)), CFGGuider(7.0, None)):
-        apply = Recorder()
-        torch.testing.assert_close(guider(apply, x, t, c), apply(x, t, c))
-        assert apply.batches == [2, 2]  # the guider's call, then ours
+        predict = Recorder()
+        out, expected = guider(predict, inp, c), predict(inp, c)
+        torch.testing.assert_close(out.eps, expected.eps)
+        torch.testing.assert_close(out.x0, expected.x0)
+        assert predict.batches == [2, 2]  # the guider's call, then ours
+        assert not guider.requires_grad
 
 
 def test_list_and_hybrid_dict_conditionings():
-    x, t = torch.randn(2, 1, 4, 4), torch.tensor([1, 2])
+    inp = noisy(torch.randn(2, 1, 4, 4), torch.tensor([1, 2]))
     c_list, uc_list = [torch.randn(2, 3), torch.randn(2, 4)], [torch.zeros(2, 3), torch.zeros(2, 4)]
-    apply = Recorder()
-    out = CFGGuider(2.0, uc_list)(apply, x, t, c_list)
-    torch.testing.assert_close(out, apply(x, t, uc_list) + 2.0 * (apply(x, t, c_list) - apply(x, t, uc_list)))
+    predict = Recorder()
+    assert_guided(CFGGuider(2.0, uc_list)(predict, inp, c_list), predict, inp, c_list, uc_list, 2.0)
     # hybrid: c_concat is shared, only c_crossattn is swapped (a negative prompt)
     cond = {"c_concat": [torch.randn(2, 1, 4, 4)], "c_crossattn": [torch.randn(2, 3, 5)]}
     neg = torch.randn(2, 3, 5)
@@ -60,9 +74,29 @@ def test_list_and_hybrid_dict_conditionings():
     torch.testing.assert_close(batched["c_concat"][0], torch.cat([cond["c_concat"][0]] * 2))
     torch.testing.assert_close(batched["c_crossattn"][0], torch.cat([neg, cond["c_crossattn"][0]]))
     assert concat_conditionings(neg, cond)["c_crossattn"][0].shape == (4, 3, 5)
-    out = CFGGuider(3.0, {"c_crossattn": [neg]})(apply, x, t, cond)
+    out = CFGGuider(3.0, {"c_crossattn": [neg]})(predict, inp, cond)
     uncond = {"c_concat": cond["c_concat"], "c_crossattn": [neg]}
-    torch.testing.assert_close(out, apply(x, t, uncond) + 3.0 * (apply(x, t, cond) - apply(x, t, uncond)))
+    assert_guided(out, predict, inp, cond, uncond, 3.0)
+
+
+def test_a_guidance_term_composes_with_cfg():
+    """A further term (here: a constant shift of eps, the shape classifier guidance takes) corrects the
+    classifier-free-guided prediction, and x0 follows from the corrected eps."""
+    class ShiftEps(GuidanceTerm):
+        uses_grad = True
+
+        def correct(self, pred, inp, cond):
+            return Prediction.from_eps(pred.eps - inp.sigma * 0.5, inp)
+
+    predict = Recorder()
+    inp = noisy(torch.randn(2, 1, 2, 2), torch.tensor([3, 7]))
+    c, uc = torch.randn(2, 3), torch.zeros(2, 3)
+    term = ShiftEps(CFGGuider(2.5, uc))
+    out = term(predict, inp, c)
+    cfg = CFGGuider(2.5, uc)(predict, inp, c)
+    torch.testing.assert_close(out.eps, cfg.eps - inp.sigma * 0.5)
+    torch.testing.assert_close(inp.alpha * out.x0 + inp.sigma * out.eps, inp.x)  # a consistent prediction
+    assert term.requires_grad and not CFGGuider().requires_grad
 
 
 def test_mismatched_conditionings_are_refused_clearly():

@@ -1,14 +1,15 @@
 """Sigma-space solvers (Euler, Heun, DPM-Solver++(2M), Euler ancestral) on the analytic Gaussian problem."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.models.diffusion.denoiser import DiscreteDenoiser, SigmaDenoiser
+from ldm.models.diffusion.denoiser import Denoiser, SigmaDenoiser
 from ldm.models.diffusion.plms import PLMSSampler
-from ldm.models.diffusion.sampling import (
-    get_sigmas_from_model, get_sigmas_karras, sample_ddpm, sample_dpmpp_2m, sample_euler,
-    sample_euler_ancestral, sample_heun,
+from ldm.models.diffusion.discrete import sample_ddpm
+from ldm.models.diffusion.sigma_samplers import (
+    get_sigmas_from_model, get_sigmas_karras, sample_dpmpp_2m, sample_euler, sample_euler_ancestral, sample_heun,
 )
 from ldm.models.diffusion.timesteps import full_schedule
 
@@ -84,7 +85,7 @@ def test_dpmpp_2m_20_steps_beats_ddim_20_steps_on_the_exact_flow():
     assert err_dpm < err_ddim / 3, (err_dpm, err_ddim)
     # and against a 1000-step ancestral DDPM reference: the same mean and spread
     torch.manual_seed(1)
-    ddpm = sample_ddpm(DiscreteDenoiser(model), torch.randn(20000, 1),
+    ddpm = sample_ddpm(Denoiser(model), torch.randn(20000, 1),
                        full_schedule(model.alphas_cumprod, model.alphas_cumprod_prev), disable=True)
     den = SigmaDenoiser(model)
     sigmas = get_sigmas_karras(20, float(den.sigma_min), float(den.sigma_max))
@@ -104,7 +105,7 @@ def test_second_order_solvers_converge_faster_than_euler():
 
 
 def _sample_all(model, x_T, seed=0):
-    den, disc = SigmaDenoiser(model), DiscreteDenoiser(model)
+    den, disc = SigmaDenoiser(model), Denoiser(model)
     sigmas = get_sigmas_karras(12, float(den.sigma_min), float(den.sigma_max))
     out = {name: fn(den, x_T * sigmas[0], sigmas, disable=True) for name, fn in SOLVERS.items()}
     torch.manual_seed(seed)
@@ -140,16 +141,19 @@ def test_solvers_keep_dtype_and_report_progress():
             assert torch.isfinite(out).all(), name
 
 
-def test_sample_latents_dispatches_to_the_named_sampler():
-    from ldm.inference import sample_latents
+def test_sample_dispatches_to_the_named_sampler():
+    from ldm.models.diffusion.sampling import SamplingOptions, sample
 
     model = GaussianModel("x0")
     x_T = torch.randn(4, 1, 2, 2)
     den = SigmaDenoiser(model)
     for schedule, sigmas in (("karras", get_sigmas_karras(6, float(den.sigma_min), float(den.sigma_max))),
                              ("discrete", get_sigmas_from_model(den, 6))):
-        got = sample_latents(model, "heun", x_T.shape, steps=6, x_T=x_T, sigma_schedule=schedule)
+        options = SamplingOptions(sampler="heun", steps=6, sigma_schedule=schedule)
+        got = sample(model, x_T.shape, options=options, x_T=x_T).samples
         expected = sample_heun(den, x_T * (1 + sigmas[0] ** 2).sqrt(), sigmas, disable=True)
         torch.testing.assert_close(got, expected)
-    ddim = sample_latents(model, "ddim", x_T.shape, steps=6, x_T=x_T)
+    ddim = sample(model, x_T.shape, options=SamplingOptions(sampler="ddim", steps=6), x_T=x_T).samples
     torch.testing.assert_close(ddim, DDIMSampler(model).sample(6, 4, (1, 2, 2), x_T=x_T, verbose=False)[0])
+    with pytest.raises(ValueError, match="unknown sampler 'ddpmm'"):
+        SamplingOptions(sampler="ddpmm")

@@ -100,6 +100,22 @@ def test_txt2img_end_to_end(models, tmp_path):
     assert grid.shape == (2 * (48 + 2) + 2, 2 * (32 + 2) + 2, 3)
 
 
+def test_load_model_takes_the_first_stage_from_the_full_checkpoint(models, tmp_path):
+    """A training config names a first-stage ckpt_path that a user of the full checkpoint need not have."""
+    from ldm.inference import load_model
+
+    config, ckpt = models["class"]
+    cfg = OmegaConf.load(config)
+    cfg.model.params.first_stage_config.params.ckpt_path = str(tmp_path / "missing" / "model.ckpt")
+    OmegaConf.save(cfg, tmp_path / "with-missing-first-stage.yaml")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_model(tmp_path / "with-missing-first-stage.yaml", None, "cpu")
+    model = load_model(tmp_path / "with-missing-first-stage.yaml", ckpt, "cpu")
+    reference = load_model(config, ckpt, "cpu")
+    for k, v in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
 def test_txt2img_bad_inputs(models, tmp_path):
     txt2img = load_script("txt2img")
     empty = tmp_path / "empty.txt"
@@ -161,6 +177,38 @@ def test_inpaint_keeps_the_known_pixels(models, tmp_path):
         known = mask == 0
         assert np.abs(result[known] - source[known]).max() <= 1
         assert np.abs(result[~known] - source[~known]).mean() > 5
+
+
+def test_inpaint_conditioning_is_the_original_scripts(models, tmp_path):
+    """The conditioning of scripts/inpaint.py is the original's ``make_batch`` + ``cat(E(masked), mask)``: the
+    pixels to fill are black (-1), not grey (0), as the released inpainting model was trained."""
+    from ldm.inference import load_image, load_model
+
+    inpaint = load_script("inpaint")
+    write_image(tmp_path / "a.png")
+    mask_u8 = np.zeros((32, 32), dtype=np.uint8)
+    mask_u8[8:24, 4:20] = 255
+    Image.fromarray(mask_u8, "L").save(tmp_path / "a_mask.png")
+    model = load_model(models["inpaint"][0], models["inpaint"][1], "cpu")
+    image = load_image(tmp_path / "a.png")
+    mask = inpaint.load_mask(tmp_path / "a_mask.png", (32, 32), tmp_path / "a.png")
+    # the original script, written out: image and mask in [0, 1], masked = (1 - mask) * image, all * 2 - 1
+    with Image.open(tmp_path / "a.png") as im:
+        image01 = torch.from_numpy(np.asarray(im.convert("RGB")).astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+    mask01 = torch.from_numpy((mask_u8.astype(np.float32) / 255.0 >= 0.5).astype(np.float32))[None, None]
+    batch = {k: v * 2.0 - 1.0 for k, v in {"image": image01, "mask": mask01, "masked_image": (1 - mask01) * image01}
+             .items()}
+    torch.testing.assert_close(image, batch["image"])
+    encoded = []
+    original_encoder = model.get_learned_conditioning
+    model.get_learned_conditioning = lambda x: encoded.append(x) or original_encoder(x)
+    c = inpaint.inpainting_conditioning(model, image, mask)
+    torch.testing.assert_close(encoded[0], batch["masked_image"], rtol=0, atol=1e-6)
+    assert (encoded[0][:, :, 8:24, 4:20] == -1).all()  # black, not grey
+    expected = torch.cat([original_encoder(batch["masked_image"]),
+                          torch.nn.functional.interpolate(batch["mask"], size=c.shape[-2:])], dim=1)
+    torch.testing.assert_close(c, expected)
+    assert c.shape == (1, 5, 8, 8) and set(c[0, 4].unique().tolist()) == {-1.0, 1.0}
 
 
 def test_inpaint_bad_inputs(models, tmp_path):

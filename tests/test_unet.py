@@ -37,7 +37,7 @@ def reference_config(rel: str) -> dict:
     yaml = pytest.importorskip("yaml")
     path = REFERENCE_CONFIGS / rel
     if not path.is_file():
-        pytest.skip(f"reference config {path} not present (set LDM_REFERENCE_CONFIGS)")
+        pytest.skip(f"reference config {path} not present (set LDM_SHARED_DIR)")
     return yaml.safe_load(path.read_text())["model"]["params"]
 
 

@@ -25,6 +25,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
 
+from ldm.util import parse_enum
+
 logger = logging.getLogger(__name__)
 
 # Visually distinct single-code-point emoji that read well at 32 px: faces, animals, food, hearts, objects.
@@ -150,10 +152,7 @@ class EmojiDataset(Dataset):
                  background: Sequence[int] = (255, 255, 255), margin: float = 0.06, render_scale: int = 4,
                  seed: int = 0, font_path: str | None = None) -> None:
         super().__init__()
-        try:
-            self.split = Split(split)
-        except ValueError:
-            raise ValueError(f"split must be one of {[s.value for s in Split]}, got {split!r}") from None
+        self.split = parse_enum(Split, split, "split")
         if size < 1 or render_scale < 1:
             raise ValueError(f"size and render_scale must be positive, got {size} and {render_scale}")
         if not 0.0 <= margin < 0.5:

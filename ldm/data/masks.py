@@ -12,6 +12,8 @@ import enum
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ldm.util import parse_enum
+
 
 @dataclasses.dataclass(frozen=True)
 class StrokeParams:
@@ -124,10 +126,7 @@ class MaskGenerator:
 
     def __init__(self, kind: str | MaskKind = MaskKind.MIXED, max_coverage: float = 0.5,
                  reference_side: int = 256) -> None:
-        try:
-            self.kind = MaskKind(kind)
-        except ValueError:
-            raise ValueError(f"unknown mask kind {kind!r}; choose one of {[k.value for k in MaskKind]}") from None
+        self.kind = parse_enum(MaskKind, kind, "mask kind")
         if not 0.0 < max_coverage <= 1.0:
             raise ValueError(f"max_coverage must be in (0, 1], got {max_coverage}")
         self.max_coverage = max_coverage

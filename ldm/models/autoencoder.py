@@ -12,11 +12,10 @@ checkpoint are dropped (with a log line) when the model was built without a trai
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import copy
 import logging
-import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -27,6 +26,7 @@ from ldm.checkpoint import load_state_dict
 from ldm.distributed import average_gradients, broadcast_
 from ldm.modules.diffusionmodules.model import Decoder, Encoder, split_ddconfig
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules.ema import LitEma, ema_weights
 from ldm.modules.losses.adversarial import LossStep
 from ldm.modules.vqvae.quantize import VectorQuantizer2 as VectorQuantizer
 from ldm.util import ConfigError, instantiate_from_config
@@ -35,24 +35,23 @@ logger = logging.getLogger(__name__)
 
 # each training batch steps both optimisers, and Lightning counts every optimiser step in `global_step`
 OPTIMIZER_STEPS_PER_BATCH = 2
-ALLOW_MISSING_CKPT_ENV = "LDM_ALLOW_MISSING_CKPT"
-_ALLOW_MISSING_CKPT: contextvars.ContextVar[bool] = contextvars.ContextVar("allow_missing_ckpt", default=False)
+FIRST_STAGE_TARGETS = ("AutoencoderKL", "VQModel", "VQModelInterface")
 
 
-@contextlib.contextmanager
-def allow_missing_checkpoints(allow: bool = True) -> Iterator[None]:
-    """Within this context, a first stage whose `ckpt_path` does not exist is built with its initial weights
-    (a warning names the path) instead of raising. The environment variable ``LDM_ALLOW_MISSING_CKPT=1`` does the
-    same globally (e.g. for ``main.py``)."""
-    token = _ALLOW_MISSING_CKPT.set(allow)
-    try:
-        yield
-    finally:
-        _ALLOW_MISSING_CKPT.reset(token)
-
-
-def _missing_checkpoints_allowed() -> bool:
-    return _ALLOW_MISSING_CKPT.get() or os.environ.get(ALLOW_MISSING_CKPT_ENV, "") not in ("", "0", "false")
+def allow_missing_checkpoints(config: Any) -> Any:
+    """A copy of a model config in which every first-stage autoencoder (at any depth, e.g. the
+    ``first_stage_config`` of a LatentDiffusion) is built with ``allow_missing_ckpt: true``: a `ckpt_path` that
+    does not exist then keeps the initial weights (with a warning naming it) instead of raising. Use it when the
+    weights come from elsewhere, e.g. a full LatentDiffusion checkpoint loaded afterwards."""
+    if isinstance(config, Mapping) or hasattr(config, "keys"):
+        out = {k: allow_missing_checkpoints(v) for k, v in config.items()}
+        target = str(out.get("target", ""))
+        if target.rsplit(".", 1)[-1] in FIRST_STAGE_TARGETS and target.startswith("ldm.models.autoencoder."):
+            out["params"] = {**(out.get("params") or {}), "allow_missing_ckpt": True}
+        return out
+    if isinstance(config, (list, tuple)) or (hasattr(config, "__iter__") and not isinstance(config, (str, bytes))):
+        return [allow_missing_checkpoints(v) for v in config]
+    return copy.copy(config)
 
 
 def _drop_foreign_loss_keys(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
@@ -93,22 +92,23 @@ class FirstStageModel(pl.LightningModule):
         """f: how much the encoder shrinks each spatial side."""
         return 2 ** (self.encoder.num_resolutions - 1)
 
-    def init_from_ckpt(self, path: str | Path, ignore_keys: Sequence[str] = ()) -> None:
+    def init_from_ckpt(self, path: str | Path, ignore_keys: Sequence[str] = (), allow_missing: bool = False) -> None:
         """Loads weights from a checkpoint file (non-strict; keys starting with any of `ignore_keys` are dropped).
 
-        :raises FileNotFoundError: naming `path` when it does not exist, unless missing checkpoints are allowed
-            (:func:`allow_missing_checkpoints` or ``LDM_ALLOW_MISSING_CKPT=1``).
+        :param allow_missing: a missing file keeps the initial weights (with a warning) instead of raising.
+        :raises FileNotFoundError: naming `path` when it does not exist and `allow_missing` is false.
         """
         path = Path(path)
         if not path.is_file():
-            if _missing_checkpoints_allowed():
+            if allow_missing:
                 logger.warning("%s: ckpt_path %s does not exist; keeping the initial weights", type(self).__name__,
                                path)
                 return
             raise FileNotFoundError(
                 f"{type(self).__name__}: ckpt_path '{path}' does not exist (resolved to {path.resolve()}). Put the "
-                f"first-stage checkpoint there, fix or remove `ckpt_path` in the config, or build the model inside "
-                f"ldm.models.autoencoder.allow_missing_checkpoints() (or with {ALLOW_MISSING_CKPT_ENV}=1) to skip it.")
+                f"first-stage checkpoint there, fix or remove `ckpt_path` in the config, or set allow_missing_ckpt: "
+                f"true (ldm.models.autoencoder.allow_missing_checkpoints(config) does it for a whole config) when "
+                f"the weights come from elsewhere.")
         sd = load_state_dict(path)
         for k in list(sd):
             if any(k.startswith(ik) for ik in ignore_keys):
@@ -271,12 +271,15 @@ class AutoencoderKL(FirstStageModel):
     :param ddconfig: the Encoder/Decoder settings (must have `double_z: true`).
     :param lossconfig: the loss (``ldm.modules.losses.LPIPSWithDiscriminator``; ``torch.nn.Identity`` inside an LDM).
     :param embed_dim: latent channels.
-    :param ckpt_path: weights to load (see :meth:`init_from_ckpt` for a missing file).
+    :param ckpt_path: weights to load.
+    :param allow_missing_ckpt: a `ckpt_path` that does not exist keeps the initial weights (with a warning)
+        instead of raising FileNotFoundError.
     """
 
     def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Mapping[str, Any], embed_dim: int,
                  ckpt_path: str | None = None, ignore_keys: Sequence[str] = (), image_key: str = "image",
-                 colorize_nlabels: int | None = None, monitor: str | None = None) -> None:
+                 colorize_nlabels: int | None = None, monitor: str | None = None,
+                 allow_missing_ckpt: bool = False) -> None:
         super().__init__(ddconfig, lossconfig, image_key, colorize_nlabels, monitor)
         if not ddconfig.get("double_z", True):
             raise ConfigError("AutoencoderKL needs ddconfig.double_z: true (the encoder outputs mean and log-variance)")
@@ -284,7 +287,7 @@ class AutoencoderKL(FirstStageModel):
         self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
         self.embed_dim = embed_dim
         if ckpt_path is not None:
-            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, allow_missing=allow_missing_ckpt)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """x [N x C x H x W] -> the posterior over z, [N x embed_dim x H/f x W/f]."""
@@ -327,8 +330,12 @@ class AutoencoderKL(FirstStageModel):
         return log
 
 
-class VQModel(FirstStageModel):
+class VQAutoencoder(FirstStageModel):
     """VQ-regularised autoencoder: x -> z [N x embed_dim x H/f x W/f] -> nearest of `n_embed` codes -> x_rec.
+
+    The network, its training and its checkpoint names; two siblings give it a public ``encode``/``decode``:
+    :class:`VQModel` (stage one: quantised codes) and :class:`VQModelInterface` (as a latent diffusion model uses
+    it: continuous latents, quantised when decoding).
 
     :param n_embed: codebook size; :param embed_dim: code dimension (latent channels).
     :param remap, sane_index_shape: see :class:`~ldm.modules.vqvae.quantize.VectorQuantizer2` (beta is 0.25).
@@ -337,6 +344,8 @@ class VQModel(FirstStageModel):
         ``ldm.lr_scheduler.LambdaLinearScheduler``) applied to both optimisers per batch.
     :param lr_g_factor: the autoencoder's learning rate is `lr_g_factor * learning_rate`.
     :param use_ema: keep an EMA of the weights (`model_ema`), used for validation (`val_ema/*`).
+    :param allow_missing_ckpt: a `ckpt_path` that does not exist keeps the initial weights (with a warning)
+        instead of raising FileNotFoundError.
     """
 
     def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Mapping[str, Any], n_embed: int, embed_dim: int,
@@ -344,7 +353,7 @@ class VQModel(FirstStageModel):
                  colorize_nlabels: int | None = None, monitor: str | None = None,
                  batch_resize_range: Sequence[int] | None = None, scheduler_config: Mapping[str, Any] | None = None,
                  lr_g_factor: float = 1.0, remap: str | None = None, sane_index_shape: bool = False,
-                 use_ema: bool = False) -> None:
+                 use_ema: bool = False, allow_missing_ckpt: bool = False) -> None:
         super().__init__(ddconfig, lossconfig, image_key, colorize_nlabels, monitor)
         self.embed_dim = embed_dim
         self.n_embed = n_embed
@@ -356,30 +365,16 @@ class VQModel(FirstStageModel):
         self.batch_resize_range = batch_resize_range
         self.use_ema = use_ema
         if use_ema:
-            from ldm.modules.ema import LitEma
-
             self.model_ema = LitEma(self)
             logger.info("keeping EMAs of %d buffers", len(list(self.model_ema.buffers())))
         if ckpt_path is not None:
-            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, allow_missing=allow_missing_ckpt)
         self.scheduler_config = scheduler_config
         self.lr_g_factor = lr_g_factor
 
-    @contextlib.contextmanager
-    def ema_scope(self, context: str | None = None) -> Iterator[None]:
+    def ema_scope(self, context: str | None = None) -> contextlib.AbstractContextManager:
         """Within this context the model runs on its EMA weights (if `use_ema`)."""
-        if self.use_ema:
-            self.model_ema.store(self.parameters())
-            self.model_ema.copy_to(self)
-            if context is not None:
-                logger.info("%s: switched to EMA weights", context)
-        try:
-            yield None
-        finally:
-            if self.use_ema:
-                self.model_ema.restore(self.parameters())
-                if context is not None:
-                    logger.info("%s: restored training weights", context)
+        return ema_weights(self.model_ema, self, context) if self.use_ema else contextlib.nullcontext()
 
     def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
         if self.use_ema:
@@ -389,11 +384,11 @@ class VQModel(FirstStageModel):
         """x [N x C x H x W] -> the continuous latents h [N x embed_dim x H/f x W/f] before quantisation."""
         return self.quant_conv(self.encoder(x))
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    def encode_to_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         """x -> (quantised latents [N x embed_dim x H/f x W/f], codebook loss, (None, None, indices))."""
         return self.quantize(self.encode_to_prequant(x))
 
-    def decode(self, quant: torch.Tensor) -> torch.Tensor:
+    def decode_quantized(self, quant: torch.Tensor) -> torch.Tensor:
         """Quantised latents [N x embed_dim x h x w] -> image [N x out_ch x h*f x w*f]."""
         return self.decoder(self.post_quant_conv(quant))
 
@@ -401,12 +396,12 @@ class VQModel(FirstStageModel):
         """Codebook indices [N x h x w] -> image [N x out_ch x h*f x w*f]."""
         n, h, w = code_b.shape
         quant = self.quantize.get_codebook_entry(code_b.reshape(-1), (n, h, w, self.embed_dim))
-        return VQModel.decode(self, quant)
+        return self.decode_quantized(quant)
 
     def forward(self, input: torch.Tensor, return_pred_indices: bool = False) -> tuple:
         """(reconstruction [N x C x H x W], codebook loss[, indices])."""
-        quant, diff, (_, _, ind) = VQModel.encode(self, input)
-        dec = VQModel.decode(self, quant)
+        quant, diff, (_, _, ind) = self.encode_to_codes(input)
+        dec = self.decode_quantized(quant)
         if return_pred_indices:
             return dec, diff, ind
         return dec, diff
@@ -479,9 +474,22 @@ class VQModel(FirstStageModel):
         return log
 
 
-class VQModelInterface(VQModel):
+class VQModel(VQAutoencoder):
+    """The VQ autoencoder of stage one: `encode` gives the quantised codes, `decode` decodes quantised latents."""
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """x -> (quantised latents [N x embed_dim x H/f x W/f], codebook loss, (None, None, indices))."""
+        return self.encode_to_codes(x)
+
+    def decode(self, quant: torch.Tensor) -> torch.Tensor:
+        """Quantised latents [N x embed_dim x h x w] -> image [N x out_ch x h*f x w*f]."""
+        return self.decode_quantized(quant)
+
+
+class VQModelInterface(VQAutoencoder):
     """The VQ first stage as a latent diffusion model uses it: `encode` gives the continuous pre-quantisation
-    latents, and `decode` quantises them (unless `force_not_quantize`) before decoding."""
+    latents, and `decode` quantises them (unless `force_not_quantize`) before decoding. Same weights and
+    checkpoint names as :class:`VQModel`."""
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x [N x C x H x W] -> h [N x embed_dim x H/f x W/f] (not quantised)."""
@@ -490,7 +498,7 @@ class VQModelInterface(VQModel):
     def decode(self, h: torch.Tensor, force_not_quantize: bool = False) -> torch.Tensor:
         """h [N x embed_dim x h x w] -> image; h goes through the codebook first unless `force_not_quantize`."""
         quant = h if force_not_quantize else self.quantize(h)[0]
-        return super().decode(quant)
+        return self.decode_quantized(quant)
 
 
 class IdentityFirstStage(nn.Module):

@@ -19,14 +19,18 @@ schedules are plain attributes, not buffers, so the checkpoint layout is the sam
 """
 from __future__ import annotations
 
+import contextlib
 import enum
+import logging
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Protocol
+from typing import Any, Iterable, Iterator, Mapping, Protocol
 
 import torch
 from torch import nn
 
 from ldm.util import parse_kind_config
+
+logger = logging.getLogger(__name__)
 
 
 def shadow_name(param_name: str) -> str:
@@ -216,3 +220,22 @@ class LitEma(nn.Module):
         for saved, param in zip(self.collected_params, parameters):
             param.copy_(saved)
         self.collected_params = []
+
+
+@contextlib.contextmanager
+def ema_weights(ema: Any, module: nn.Module, context: str | None = None) -> Iterator[None]:
+    """Within this context `module`'s trainable parameters hold the EMA values of `ema` (anything with LitEma's
+    ``store``/``copy_to``/``restore``); the training values are put back after, also on an exception.
+
+    :param context: a name to log the switch under (None: no log lines).
+    """
+    ema.store(module.parameters())
+    ema.copy_to(module)
+    if context is not None:
+        logger.info("%s: switched to EMA weights", context)
+    try:
+        yield
+    finally:
+        ema.restore(module.parameters())
+        if context is not None:
+            logger.info("%s: restored training weights", context)

@@ -1,5 +1,6 @@
-"""How the conditioning reaches the UNet: conditioning keys, the DiffusionWrapper routing, and dropout for
-classifier-free guidance.
+"""The conditioning of a LatentDiffusion, in one place: conditioning keys, the DiffusionWrapper routing, and
+:class:`ConditionBuilder`, the one owner that gets the raw condition of a batch, drops it for classifier-free
+guidance and builds the null condition (the conditioners themselves only encode).
 
 ``conditioning_key`` (the UNet sees, for x [N x C x H x W]):
 
@@ -13,17 +14,25 @@ Conditioning dropout (the rule): with probability ``rate`` per example, the *raw
 replaced by its null input before it is encoded: a caption by the empty string, a class label by the null class
 (``null_label``, by default ``n_classes - 1`` of the class embedder), and any other tensor (spatial maps,
 precomputed embeddings) by zeros. Sampling builds the unconditional conditioning from the same null input, so
-training and guidance agree.
+training and guidance agree. One rate applies: the model's ``ucg_rate``, or a class embedder's own ``ucg_rate``
+(SD2-style configs), never both.
 """
 from __future__ import annotations
 
 import enum
+import logging
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from ldm.util import instantiate_from_config
+from ldm.util import ConfigError, instantiate_from_config, parse_enum
+
+logger = logging.getLogger(__name__)
+
+# Conditioning keys whose batch values are passed to the conditioner as they are (not as images).
+RAW_COND_KEYS = ("caption", "txt", "coordinates_bbox")
+TEXT_COND_KEYS = ("caption", "txt")
 
 
 class ConditioningKey(str, enum.Enum):
@@ -34,13 +43,7 @@ class ConditioningKey(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: "str | ConditioningKey | None") -> "ConditioningKey | None":
-        if value is None:
-            return None
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"unknown conditioning_key '{value}'; choose one of None, "
-                             f"{', '.join(k.value for k in cls)}") from None
+        return None if value is None else parse_enum(cls, value, "conditioning_key")
 
     @property
     def wrapper_key(self) -> str:
@@ -147,3 +150,105 @@ def drop_conditioning(xc: Any, drop: torch.Tensor, null_label: int | None = None
         return {**xc, label_key: torch.where(keep, labels, null[label_key])}
     mask = drop.to(xc.device).reshape(-1, *([1] * (xc.ndim - 1)))
     return torch.where(mask, null, xc)
+
+
+def batch_tensor(batch: Mapping[str, Any], key: str) -> torch.Tensor:
+    """``batch[key]`` ([N x H x W x C] or [N x H x W]) as a contiguous float [N x C x H x W] Tensor."""
+    if key not in batch:
+        raise KeyError(f"batch has no key '{key}' (keys: {', '.join(map(str, batch))}); check first_stage_key/"
+                       f"cond_stage_key in the model config")
+    x = torch.as_tensor(batch[key])
+    if x.ndim == 3:
+        x = x[..., None]
+    return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
+
+
+def slice_cond(cond: Any, n: int) -> Any:
+    """The first `n` examples of a conditioning (tensor, list of tensors, or dict of either)."""
+    if cond is None:
+        return None
+    if isinstance(cond, Mapping):
+        return {k: slice_cond(v, n) for k, v in cond.items()}
+    if isinstance(cond, list) and cond and isinstance(cond[0], torch.Tensor):
+        return [c[:n] for c in cond]
+    return cond[:n]
+
+
+class ConditionBuilder:
+    """The one owner of a LatentDiffusion's condition: the raw condition of a batch, its dropout for
+    classifier-free guidance, and the null condition. The model encodes what it returns (tau).
+
+    :param cond_stage_key: the batch key of the raw condition (``class_label`` passes the whole batch).
+    :param first_stage_key: the image key; a condition with this key is the input image itself.
+    :param conditioner: the conditioning stage (read for ``key``, ``n_classes`` and a legacy ``ucg_rate``).
+    :param ucg_rate: dropout probability per example; :param null_label: the null class (default
+        ``n_classes - 1`` of a class embedder).
+    :param concat_mask_key: batch key of an [N x H x W x 1] mask in {0, 1} appended to the encoded condition.
+    """
+
+    def __init__(self, cond_stage_key: str, first_stage_key: str, conditioner: nn.Module | None = None,
+                 ucg_rate: float = 0.0, null_label: int | None = None, concat_mask_key: str | None = None) -> None:
+        own_rate = float(getattr(conditioner, "ucg_rate", 0.0) or 0.0)
+        if own_rate > 0 and ucg_rate > 0:
+            raise ConfigError(f"conditioning dropout is set twice: ucg_rate={ucg_rate} and cond_stage_config."
+                              f"params.ucg_rate={own_rate}; keep one (the model's ucg_rate)")
+        self.ucg_rate = ucg_rate or own_rate
+        if not 0.0 <= self.ucg_rate <= 1.0:
+            raise ValueError(f"ucg_rate must be in [0, 1], got {self.ucg_rate}")
+        self.cond_stage_key = cond_stage_key
+        self.first_stage_key = first_stage_key
+        self.label_key = getattr(conditioner, "key", None) or cond_stage_key
+        n_classes = getattr(conditioner, "n_classes", None)
+        self.null_label = null_label if null_label is not None or n_classes is None else int(n_classes) - 1
+        self.class_conditional = n_classes is not None or cond_stage_key == "class_label"
+        self.concat_mask_key = concat_mask_key
+
+    def raw(self, batch: Mapping[str, Any], image: torch.Tensor, cond_key: str | None = None) -> Any:
+        """The raw condition of a batch: captions/boxes as given, the batch for class labels, else an image
+        [N x C x H x W] (`image`, the model input, when the key is the first stage's)."""
+        cond_key = cond_key or self.cond_stage_key
+        if cond_key == self.first_stage_key:
+            return image
+        if cond_key == "class_label":
+            return batch
+        if cond_key not in batch:
+            raise KeyError(f"batch has no conditioning key '{cond_key}' (keys: {', '.join(map(str, batch))}); "
+                           f"check cond_stage_key in the model config")
+        value = batch[cond_key]
+        if cond_key in RAW_COND_KEYS or is_text(value):
+            return value
+        return batch_tensor(batch, cond_key).to(image.device)
+
+    def drop(self, xc: Any, device: torch.device | None = None) -> Any:
+        """`xc` with each example replaced by its null condition with probability ``ucg_rate``."""
+        if self.ucg_rate <= 0:
+            return xc
+        n = len(xc[self.label_key]) if isinstance(xc, Mapping) else len(xc)
+        drop = torch.rand(n, device=device) < self.ucg_rate
+        return drop_conditioning(xc, drop, self.null_label, self.label_key)
+
+    def null(self, n: int, like: Any = None, device: torch.device | None = None) -> Any:
+        """The raw null condition of `n` examples, shaped like the raw condition `like` (needed for spatial
+        conditions; class labels and captions need none)."""
+        if like is None:
+            if self.class_conditional:
+                like = {self.label_key: torch.zeros(n, dtype=torch.long, device=device)}
+            elif self.cond_stage_key in TEXT_COND_KEYS:
+                like = [""] * n
+            else:
+                raise ValueError(f"cannot infer the null condition of cond_stage_key '{self.cond_stage_key}'; "
+                                 f"pass an example raw conditioning as `like`")
+        return null_input(slice_cond(like, n), self.null_label, self.label_key)
+
+    def mask_channel(self, batch: Mapping[str, Any], latent: torch.Tensor) -> torch.Tensor | None:
+        """The batch's ``concat_mask_key`` mask as [N x 1 x h x w] in {-1, 1} at the size of `latent`
+        (the released inpainting model's conditioning), or None without a mask key."""
+        if self.concat_mask_key is None:
+            return None
+        return mask_channel(batch_tensor(batch, self.concat_mask_key)[:latent.shape[0]].to(latent), latent.shape[-2:])
+
+
+def mask_channel(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """An inpainting mask [N x 1 x H x W] in {0, 1} (1 = to fill) as the released inpainting model's extra
+    conditioning channel: mapped to {-1, 1} and resized (nearest) to the latent `size` (h, w)."""
+    return torch.nn.functional.interpolate(2.0 * mask - 1.0, size=tuple(size))

@@ -1,9 +1,10 @@
-"""`DDIMSampler`: the original's notebook-facing DDIM class, a thin front-end over the shared samplers.
+"""`DDIMSampler`: the original's notebook-facing DDIM class, a thin front-end over the one sampling path.
 
 Call signatures and results are the original's (``sample(S, batch_size, shape, conditioning=..., eta=...,
 unconditional_guidance_scale=..., ...) -> (samples, intermediates)``). Fixed: schedule tensors stay on the
 model's device (the original moved them to "cuda"), and ``ddim_use_original_steps=True`` works (it raised).
-``stochastic_encode``/``decode`` serve img2img, as in the Stable Diffusion release.
+``stochastic_encode``/``decode`` serve img2img, as in the Stable Diffusion release. Sampling runs under
+``torch.inference_mode`` (see :mod:`ldm.models.diffusion.sampling`).
 """
 from __future__ import annotations
 
@@ -12,22 +13,16 @@ from typing import Any, Callable
 
 import torch
 
-from ldm.models.diffusion.denoiser import DiscreteDenoiser
-from ldm.models.diffusion.discrete import ddim_step, sample_ddim
-from ldm.models.diffusion.guidance import CFGGuider, Conditioning
-from ldm.models.diffusion.schedule import extract
-from ldm.models.diffusion.timesteps import DiscreteSchedule, ddim_schedule, full_schedule, make_ddim_timesteps
+from ldm.models.diffusion.denoiser import Denoiser
+from ldm.models.diffusion.discrete import ddim_step, make_noise_sampler
+from ldm.models.diffusion.guidance import Conditioning, make_guider
+from ldm.models.diffusion.sampling import (Precision, SamplerKind, SamplingOptions, model_full_schedule, sample,
+                                           x0_transform)
+from ldm.models.diffusion.schedule import q_sample
+from ldm.models.diffusion.timesteps import DiscreteSchedule, ddim_schedule, make_ddim_timesteps
+from ldm.util import parse_enum
 
 logger = logging.getLogger(__name__)
-
-
-def make_noise_sampler(temperature: float = 1.0, noise_dropout: float = 0.0
-                       ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Step noise as the original draws it: standard normal times `temperature`, then dropout."""
-    def noise_sampler(x: torch.Tensor) -> torch.Tensor:
-        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype) * temperature
-        return torch.nn.functional.dropout(noise, p=noise_dropout) if noise_dropout > 0 else noise
-    return noise_sampler
 
 
 def conditioning_batch_size(conditioning: Conditioning) -> int | None:
@@ -45,15 +40,18 @@ class DDIMSampler:
     :param model: a DDPM/LatentDiffusion (``apply_model``, ``alphas_cumprod``, ``alphas_cumprod_prev``,
         ``num_timesteps``, ``parameterization``, ``q_sample``).
     :param schedule: kept for signature compatibility; the noise schedule always comes from the model.
+    :param precision: autocast on accelerators while sampling: ``full`` (default), ``autocast`` (float16) or
+        ``bf16``.
     """
 
     name = "DDIM"
-    sample_fn = staticmethod(sample_ddim)
+    kind = SamplerKind.DDIM
 
-    def __init__(self, model: Any, schedule: str = "linear") -> None:
+    def __init__(self, model: Any, schedule: str = "linear", precision: Precision | str = Precision.FULL) -> None:
         self.model = model
         self.ddpm_num_timesteps = model.num_timesteps
         self.schedule = schedule
+        self.precision = parse_enum(Precision, precision, "precision")
 
     def make_schedule(self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.0,
                       verbose: bool = True) -> None:
@@ -68,15 +66,15 @@ class DDIMSampler:
         self.sqrt_alphas_cumprod = ac.sqrt()
         self.sqrt_one_minus_alphas_cumprod = (1.0 - ac).sqrt()
         self._ddim = ddim_schedule(ac, self.ddim_timesteps, ddim_eta)
-        self._original = full_schedule(ac, self.alphas_cumprod_prev, ddim_eta)
+        self._original = model_full_schedule(self.model, ddim_eta)
         self.ddim_alphas, self.ddim_alphas_prev = self._ddim.alphas, self._ddim.alphas_prev
         self.ddim_sigmas = self._ddim.sigmas
         self.ddim_sqrt_one_minus_alphas = (1.0 - self.ddim_alphas).sqrt()
         self.ddim_sigmas_for_original_num_steps = self._original.sigmas
+        self.eta = ddim_eta
         if verbose:
             logger.info("%s timesteps %s, eta %s", self.name, self.ddim_timesteps.tolist(), ddim_eta)
 
-    @torch.no_grad()
     def sample(self, S: int, batch_size: int, shape: tuple[int, ...], conditioning: Conditioning = None,
                callback: Callable | None = None, normals_sequence: Any = None, img_callback: Callable | None = None,
                quantize_x0: bool = False, eta: float = 0.0, mask: torch.Tensor | None = None,
@@ -115,16 +113,6 @@ class DDIMSampler:
         n = len(schedule)
         return schedule[:int(min(timesteps / n, 1) * n) - 1]  # the original's subset rule
 
-    def _denoiser(self, scale: float, uncond: Conditioning, score_corrector: Any = None,
-                  corrector_kwargs: dict | None = None) -> DiscreteDenoiser:
-        return DiscreteDenoiser(self.model, CFGGuider(scale, uncond), score_corrector, corrector_kwargs)
-
-    def _x0_transform(self, quantize_denoised: bool) -> Callable | None:
-        if not quantize_denoised:
-            return None
-        return lambda x0: self.model.first_stage_model.quantize(x0)[0]
-
-    @torch.no_grad()
     def ddim_sampling(self, cond: Conditioning, shape: tuple[int, ...], x_T: torch.Tensor | None = None,
                       ddim_use_original_steps: bool = False, callback: Callable | None = None,
                       timesteps: int | None = None, quantize_denoised: bool = False,
@@ -134,27 +122,21 @@ class DDIMSampler:
                       unconditional_guidance_scale: float = 1.0, unconditional_conditioning: Conditioning = None,
                       verbose: bool = True) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
         """The sampling loop of :meth:`sample` (x_T of `shape` [N x C x H x W] -> samples of that shape)."""
-        schedule = self._schedule(ddim_use_original_steps, timesteps)
-        img = torch.randn(shape, device=self.alphas_cumprod.device) if x_T is None else x_T
-        intermediates: dict[str, list[torch.Tensor]] = {"x_inter": [img], "pred_x0": [img]}
-        total = len(schedule)
-
         def report(step: dict) -> None:
-            i, index = step["i"], step["index"]
             if callback is not None:
-                callback(i)
+                callback(step["i"])
             if img_callback is not None:
-                img_callback(step["denoised"], i)
-            if index % log_every_t == 0 or index == total - 1:
-                intermediates["x_inter"].append(step["x"])
-                intermediates["pred_x0"].append(step["denoised"])
+                img_callback(step["denoised"], step["i"])
 
-        denoiser = self._denoiser(unconditional_guidance_scale, unconditional_conditioning, score_corrector,
-                                  corrector_kwargs)
-        samples = self.sample_fn(denoiser, img, schedule, extra_args={"cond": cond}, callback=report,
-                                 disable=not verbose, noise_sampler=make_noise_sampler(temperature, noise_dropout),
-                                 mask=mask, x0=x0, x0_transform=self._x0_transform(quantize_denoised))
-        return samples, intermediates
+        options = SamplingOptions(sampler=self.kind, steps=len(self.ddim_timesteps), eta=self.eta,
+                                  temperature=temperature, noise_dropout=noise_dropout,
+                                  quantize_denoised=quantize_denoised, log_every_t=log_every_t, progress=verbose,
+                                  precision=self.precision)
+        guider = make_guider(self.model, unconditional_guidance_scale, unconditional_conditioning, score_corrector,
+                             corrector_kwargs)
+        result = sample(self.model, shape, cond, guider=guider, options=options, x_T=x_T, mask=mask, x0=x0,
+                        schedule=self._schedule(ddim_use_original_steps, timesteps), callback=report)
+        return result.samples, result.intermediates
 
     @torch.no_grad()
     def p_sample_ddim(self, x: torch.Tensor, c: Conditioning, t: torch.Tensor, index: int,
@@ -164,13 +146,13 @@ class DDIMSampler:
                       unconditional_conditioning: Conditioning = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One DDIM step of [N x C x H x W] `x` at timesteps `t` ([N]) and schedule `index`: (x_prev, pred_x0)."""
         schedule = self._schedule(use_original_steps)
-        denoiser = self._denoiser(unconditional_guidance_scale, unconditional_conditioning, score_corrector,
-                                  corrector_kwargs)
-        _, eps = denoiser(x, t, c)
-        noise_shape = (1, *x.shape[1:]) if repeat_noise else x.shape
-        noise = make_noise_sampler(temperature, noise_dropout)(x.new_empty(noise_shape)).expand_as(x)
+        guider = make_guider(self.model, unconditional_guidance_scale, unconditional_conditioning, score_corrector,
+                             corrector_kwargs)
+        eps = Denoiser(self.model, guider)(x, t, c).eps
+        noise = make_noise_sampler(temperature, noise_dropout, repeat_noise)(x)
+        transform = x0_transform(self.model, SamplingOptions(quantize_denoised=quantize_denoised))
         return ddim_step(x, eps, schedule.alphas[index], schedule.alphas_prev[index], schedule.sigmas[index],
-                         noise, self._x0_transform(quantize_denoised))
+                         noise, transform)
 
     @torch.no_grad()
     def stochastic_encode(self, x0: torch.Tensor, t: torch.Tensor, use_original_steps: bool = False,
@@ -178,14 +160,15 @@ class DDIMSampler:
         """Diffuses [N x C x H x W] `x0` to the schedule indices `t` ([N] long) for img2img."""
         schedule = self._schedule(use_original_steps)
         noise = torch.randn_like(x0) if noise is None else noise
-        a = extract(schedule.alphas, t.to(schedule.alphas.device), x0.shape).to(x0.device, x0.dtype)
-        return a.sqrt() * x0 + (1.0 - a).sqrt() * noise
+        return q_sample(x0, t.to(schedule.alphas.device), noise, schedule.alphas.sqrt(),
+                        (1.0 - schedule.alphas).sqrt())
 
-    @torch.no_grad()
     def decode(self, x_latent: torch.Tensor, cond: Conditioning, t_start: int,
                unconditional_guidance_scale: float = 1.0, unconditional_conditioning: Conditioning = None,
                use_original_steps: bool = False, verbose: bool = True) -> torch.Tensor:
         """Denoises `x_latent` (encoded to index ``t_start - 1``) through the first `t_start` steps, by DDIM."""
         schedule = self._schedule(use_original_steps)[:t_start]
-        denoiser = self._denoiser(unconditional_guidance_scale, unconditional_conditioning)
-        return sample_ddim(denoiser, x_latent, schedule, extra_args={"cond": cond}, disable=not verbose)
+        options = SamplingOptions(sampler=SamplerKind.DDIM, steps=len(schedule), progress=verbose,
+                                  precision=self.precision)
+        return sample(self.model, x_latent.shape, cond, uncond=unconditional_conditioning,
+                      scale=unconditional_guidance_scale, options=options, x_T=x_latent, schedule=schedule).samples

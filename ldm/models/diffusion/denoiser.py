@@ -1,24 +1,24 @@
-"""One denoiser view of a diffusion model, for every sampler.
+"""The one denoiser view of a diffusion model, for every sampler.
 
-:class:`DiscreteDenoiser` is the model at integer DDPM timesteps (DDPM, DDIM, PLMS): ``(x_t, t, cond) -> (x0,
-eps)``. :class:`SigmaDenoiser` is the k-diffusion view of the same model (Karras et al. 2022): inputs are
+:class:`Denoiser` is the model at DDPM timesteps (DDPM, DDIM, PLMS): ``(x_t, t, cond) -> Prediction(x0, eps)``.
+:class:`SigmaDenoiser` is the k-diffusion view of the same model (Karras et al. 2022): inputs are
 ``x_sigma = x_t / alpha_t`` at noise levels ``sigma = sqrt((1 - a_t) / a_t)`` and it returns the denoised x0.
-Both convert the network output with :func:`to_x0_eps`, so eps-, x0- and v-prediction models sample alike,
-and both route the network call through a guider (classifier-free guidance).
+Both convert the network output with the model's parameterisation (parsed once), so eps-, x0- and v-prediction
+models sample alike, and both route the network call through one guider (see guidance.py).
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
-from ldm.models.diffusion.guidance import CFGGuider, Conditioning
-from ldm.models.diffusion.parameterization import Parameterization, to_x0_eps
-from ldm.models.diffusion.schedule import extract, sigma_to_t, sigmas_from_alphas_cumprod, t_to_sigma
+from ldm.models.diffusion.guidance import CFGGuider, Conditioning, Guider
+from ldm.models.diffusion.parameterization import NoisyInput, Parameterization, Prediction
+from ldm.models.diffusion.schedule import extract, q_sample, sigma_to_t, sigmas_from_alphas_cumprod, t_to_sigma
 
 
 class DiffusionModel(Protocol):
-    """What samplers need of a model (the original's notebook API)."""
+    """What samplers need of a model (the original's notebook API): a DDPM, a LatentDiffusion, or a stand-in."""
 
     alphas_cumprod: torch.Tensor
     parameterization: str
@@ -26,50 +26,42 @@ class DiffusionModel(Protocol):
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor: ...
 
 
-class DiscreteDenoiser:
-    """The model at integer timesteps, its output converted to (x0, eps).
+class Denoiser:
+    """The model at DDPM timesteps, its output converted to a :class:`Prediction` through a guider.
 
-    :param model: a model with ``apply_model``, ``alphas_cumprod`` and ``parameterization``.
-    :param guider: a :class:`CFGGuider` (default: no guidance).
-    :param score_corrector: optional object with ``modify_score(model, eps, x, t, cond, **corrector_kwargs)``
-        (eps-prediction models only, as in the original).
+    :param model: a model with ``apply_model``, ``alphas_cumprod`` and ``parameterization`` (and, as a DDPM has,
+        the ``sqrt_alphas_cumprod``/``sqrt_one_minus_alphas_cumprod`` buffers that its ``q_sample`` uses).
+    :param guider: see guidance.py (default: no guidance).
     """
 
-    def __init__(self, model: DiffusionModel, guider: CFGGuider | None = None, score_corrector: Any = None,
-                 corrector_kwargs: dict | None = None) -> None:
+    def __init__(self, model: DiffusionModel, guider: Guider | None = None) -> None:
         self.model = model
         self.parameterization = Parameterization.parse(model.parameterization)
         self.guider = guider if guider is not None else CFGGuider()
-        if score_corrector is not None and self.parameterization is not Parameterization.EPS:
-            raise ValueError("score_corrector needs an eps-prediction model, this one predicts "
-                             f"{self.parameterization.value}")
-        self.score_corrector = score_corrector
-        self.corrector_kwargs = corrector_kwargs or {}
+        self.alphas_cumprod = model.alphas_cumprod
+        sqrt_alphas = getattr(model, "sqrt_alphas_cumprod", None)
+        sqrt_one_minus = getattr(model, "sqrt_one_minus_alphas_cumprod", None)
+        if sqrt_alphas is None or sqrt_one_minus is None:
+            sqrt_alphas, sqrt_one_minus = self.alphas_cumprod.sqrt(), (1 - self.alphas_cumprod).sqrt()
+        self.sqrt_alphas, self.sqrt_one_minus_alphas = sqrt_alphas, sqrt_one_minus
 
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        return self.model.alphas_cumprod
+    def predict(self, inp: NoisyInput, cond: Conditioning = None) -> Prediction:
+        """The unguided prediction: one network call at ``(inp.x, inp.t)``."""
+        return Prediction.from_output(self.parameterization, self.model.apply_model(inp.x, inp.t, cond), inp)
 
-    def output(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning = None) -> torch.Tensor:
-        """The guided (and score-corrected) network output for [N x C x ...] `x` at [N] timesteps `t`."""
-        out = self.guider(self.model.apply_model, x, t, cond)
-        if self.score_corrector is not None:
-            out = self.score_corrector.modify_score(self.model, out, x, t, cond, **self.corrector_kwargs)
-        return out
+    def noisy_input(self, x: torch.Tensor, t: torch.Tensor) -> NoisyInput:
+        """`x` at integer timesteps `t` ([N] long) with the schedule's alpha and sigma."""
+        a = extract(self.alphas_cumprod, t, x.shape).to(x.dtype)
+        return NoisyInput(x, t, a.sqrt(), (1 - a).sqrt())
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x0, eps) predicted from [N x C x ...] `x` at [N] long timesteps `t`; each shaped as `x`."""
-        a = extract(self.model.alphas_cumprod, t, x.shape).to(x.dtype)
-        return to_x0_eps(self.parameterization, self.output(x, t, cond), x, a.sqrt(), (1 - a).sqrt())
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning = None) -> Prediction:
+        """The guided prediction for [N x C x ...] `x` at [N] long timesteps `t`."""
+        return self.guider(self.predict, self.noisy_input(x, t), cond)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Diffuses `x0` to timesteps `t` (the model's own ``q_sample`` where it has one)."""
-        if hasattr(self.model, "q_sample"):
-            return self.model.q_sample(x0, t) if noise is None else self.model.q_sample(x0, t, noise=noise)
+        """Diffuses [N x C x ...] `x0` to timesteps `t` with the model's own tables."""
         noise = torch.randn_like(x0) if noise is None else noise
-        a = extract(self.model.alphas_cumprod, t, x0.shape).to(x0.dtype)
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+        return q_sample(x0, t, noise, self.sqrt_alphas, self.sqrt_one_minus_alphas)
 
 
 class SigmaDenoiser:
@@ -79,8 +71,8 @@ class SigmaDenoiser:
     the nearest integer when `quantize` is set.
     """
 
-    def __init__(self, model: DiffusionModel, guider: CFGGuider | None = None, quantize: bool = False) -> None:
-        self.inner = DiscreteDenoiser(model, guider)
+    def __init__(self, model: DiffusionModel, guider: Guider | None = None, quantize: bool = False) -> None:
+        self.inner = Denoiser(model, guider)
         self.quantize = quantize
         self.sigmas = sigmas_from_alphas_cumprod(model.alphas_cumprod.float())
 
@@ -104,7 +96,5 @@ class SigmaDenoiser:
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
         alpha = (1 / (1 + sigma ** 2).sqrt()).reshape(shape).to(x.dtype)
-        x_t = x * alpha
-        out = self.inner.output(x_t, self.sigma_to_t(sigma), cond)
-        x0, _ = to_x0_eps(self.inner.parameterization, out, x_t, alpha, sigma.reshape(shape).to(x.dtype) * alpha)
-        return x0
+        inp = NoisyInput(x * alpha, self.sigma_to_t(sigma), alpha, sigma.reshape(shape).to(x.dtype) * alpha)
+        return self.inner.guider(self.inner.predict, inp, cond).x0

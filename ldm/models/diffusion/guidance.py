@@ -1,18 +1,32 @@
-"""Classifier-free guidance (Ho & Salimans 2022) as one guider object around a model call.
+"""Guidance: how the denoiser turns network calls into one prediction (Ho & Salimans 2022 and friends).
 
-A guider takes ``apply(x, t, cond)`` (the raw network output, any parameterisation) and returns the guided
-output. :class:`CFGGuider` runs the unconditional and conditional branches in one batched forward and combines
-them exactly as the original: ``uc + scale * (c - uc)``. Because eps, x0 and v are affine in the network
-output at fixed x_t, guiding the raw output equals guiding eps.
+A guider is called as ``guider(predict, inp, cond) -> Prediction`` where ``predict(inp, cond)`` is the
+unguided model (a network call converted to (x0, eps), see parameterization.py), `inp` a :class:`NoisyInput`
+and `cond` the conditioning. :class:`CFGGuider` runs the unconditional and conditional branches in one batched
+forward and combines them exactly as the original: ``uc + scale * (c - uc)``. Further guidance terms (a
+classifier's gradient, a score corrector) subclass :class:`GuidanceTerm`: they wrap an inner guider, usually
+a CFGGuider, and correct its prediction, so they compose with classifier-free guidance in every sampler.
+A guider whose correction needs gradients has ``requires_grad``; the sampling path then runs under
+``torch.no_grad`` instead of ``torch.inference_mode``, and the term enables gradients where it needs them.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 
+from ldm.models.diffusion.parameterization import NoisyInput, Parameterization, Prediction
+
 Conditioning = Any  # a Tensor, a list of Tensors, a dict {"c_concat": [...], "c_crossattn": [...]}, or None
-ApplyFn = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
+PredictFn = Callable[[NoisyInput, Conditioning], Prediction]
+
+
+class Guider(Protocol):
+    """``(predict, inp, cond) -> Prediction``; see the module docstring."""
+
+    requires_grad: bool
+
+    def __call__(self, predict: PredictFn, inp: NoisyInput, cond: Conditioning) -> Prediction: ...
 
 
 def concat_conditionings(uncond: Conditioning, cond: Conditioning) -> Conditioning:
@@ -58,6 +72,8 @@ class CFGGuider:
     :param uncond: the unconditional (or negative) conditioning, structured like the conditioning.
     """
 
+    requires_grad = False
+
     def __init__(self, scale: float = 1.0, uncond: Conditioning = None) -> None:
         self.scale = float(scale)
         self.uncond = uncond
@@ -66,13 +82,82 @@ class CFGGuider:
     def active(self) -> bool:
         return self.uncond is not None and self.scale != 1.0
 
-    def __call__(self, apply: ApplyFn, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """The guided network output for an [N x C x ...] `x` at [N] timesteps `t`."""
+    def __call__(self, predict: PredictFn, inp: NoisyInput, cond: Conditioning) -> Prediction:
+        """The guided prediction for an [N x C x ...] noisy batch."""
         if not self.active:
-            return apply(x, t, cond)
-        out_uncond, out_cond = apply(torch.cat([x, x]), torch.cat([t, t]),
-                                     concat_conditionings(self.uncond, cond)).chunk(2)
-        return out_uncond + self.scale * (out_cond - out_uncond)
+            return predict(inp, cond)
+        uncond, cond_ = predict(inp.repeat(2), concat_conditionings(self.uncond, cond)).chunk(2)
+        return uncond + self.scale * (cond_ - uncond)
 
     def __repr__(self) -> str:
         return f"CFGGuider(scale={self.scale}, uncond={'set' if self.uncond is not None else None})"
+
+
+class GuidanceTerm:
+    """A guidance term added on top of an inner guider (classifier-free guidance by default).
+
+    Subclasses implement :meth:`correct`; set ``uses_grad = True`` when it takes gradients (e.g. of a
+    classifier's log-likelihood with respect to x_t, where ``eps <- eps - sigma * scale * grad``).
+    """
+
+    uses_grad = False
+
+    def __init__(self, inner: Guider | None = None) -> None:
+        self.inner = inner if inner is not None else CFGGuider()
+
+    @property
+    def requires_grad(self) -> bool:
+        """Whether this term or any inner one takes gradients."""
+        return self.uses_grad or self.inner.requires_grad
+
+    def __call__(self, predict: PredictFn, inp: NoisyInput, cond: Conditioning) -> Prediction:
+        return self.correct(self.inner(predict, inp, cond), inp, cond)
+
+    def correct(self, pred: Prediction, inp: NoisyInput, cond: Conditioning) -> Prediction:
+        """The corrected prediction (same shapes as `pred`)."""
+        raise NotImplementedError
+
+
+class ScoreCorrection(GuidanceTerm):
+    """The original's ``score_corrector``: ``eps <- corrector.modify_score(model, eps, x_t, t, cond, **kwargs)``
+    after classifier-free guidance (eps-prediction models only, as in the original).
+
+    :param model: passed to ``modify_score`` as the original does (the diffusion model).
+    """
+
+    def __init__(self, corrector: Any, model: Any, inner: Guider | None = None,
+                 kwargs: Mapping[str, Any] | None = None) -> None:
+        super().__init__(inner)
+        parameterization = Parameterization.parse(model.parameterization)
+        if parameterization is not Parameterization.EPS:
+            raise ValueError(f"score_corrector needs an eps-prediction model, this one predicts "
+                             f"{parameterization.value}")
+        self.corrector, self.model, self.kwargs = corrector, model, dict(kwargs or {})
+
+    def correct(self, pred: Prediction, inp: NoisyInput, cond: Conditioning) -> Prediction:
+        eps = self.corrector.modify_score(self.model, pred.eps, inp.x, inp.t, cond, **self.kwargs)
+        return Prediction.from_eps(eps, inp)
+
+
+class ConditioningAtStep:
+    """Hands an inner guider ``transform(cond, t)`` instead of `cond` (e.g. the legacy noised conditioning of
+    ``num_timesteps_cond > 1``)."""
+
+    def __init__(self, transform: Callable[[Conditioning, torch.Tensor], Conditioning], inner: Guider) -> None:
+        self.transform, self.inner = transform, inner
+
+    @property
+    def requires_grad(self) -> bool:
+        return self.inner.requires_grad
+
+    def __call__(self, predict: PredictFn, inp: NoisyInput, cond: Conditioning) -> Prediction:
+        return self.inner(predict, inp, self.transform(cond, inp.t))
+
+
+def make_guider(model: Any, scale: float = 1.0, uncond: Conditioning = None, score_corrector: Any = None,
+                corrector_kwargs: dict | None = None) -> Guider:
+    """Classifier-free guidance, followed by the original's score corrector when one is given."""
+    guider = CFGGuider(scale, uncond)
+    if score_corrector is None:
+        return guider
+    return ScoreCorrection(score_corrector, model, inner=guider, kwargs=corrector_kwargs)

@@ -1,6 +1,9 @@
 """LatentDiffusion: a DDPM on ``scale_factor * E(x)`` conditioned on ``tau(y)`` (Rombach et al. 2022, 3.2-3.3).
 
-Configs name it ``ldm.models.diffusion.ddpm.LatentDiffusion``; it is re-exported there.
+Configs name it ``ldm.models.diffusion.ddpm.LatentDiffusion``; it is re-exported there. It wires the frozen
+first stage (through its :class:`~ldm.models.diffusion.first_stage.FirstStageCodec`), the conditioner (through
+the :class:`~ldm.models.diffusion.conditioning.ConditionBuilder`) and the shared diffusion module; the notebook
+API keeps the original's signatures.
 """
 from __future__ import annotations
 
@@ -11,35 +14,24 @@ import torch
 from torch import nn
 
 from ldm.distributed import broadcast_, global_mean_std, is_distributed
-from ldm.models.diffusion import ancestral, first_stage, image_logging
-from ldm.models.diffusion.conditioning import (as_wrapper_kwargs, drop_conditioning, is_text, null_input,
-                                               resolve_conditioning_key)
-from ldm.models.diffusion.ddpm import DDPM
+from ldm.models.diffusion import image_logging
+from ldm.models.diffusion.base import DiffusionModule
+from ldm.models.diffusion.conditioning import (ConditionBuilder, batch_tensor, resolve_conditioning_key,
+                                               slice_cond)
+from ldm.models.diffusion.first_stage import FirstStageCodec, freeze, mode_of
+from ldm.models.diffusion.guidance import ConditioningAtStep, Guider, make_guider
+from ldm.models.diffusion.sampling import SamplerKind, SamplingOptions, sample
 from ldm.util import default, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
-# Conditioning keys whose batch values are passed to the conditioner as they are (not as images).
-RAW_COND_KEYS = ("caption", "txt", "coordinates_bbox")
 
-
-def slice_cond(cond: Any, n: int) -> Any:
-    """The first `n` examples of a conditioning (tensor, list of tensors, or dict of either)."""
-    if cond is None:
-        return None
-    if isinstance(cond, Mapping):
-        return {k: slice_cond(v, n) for k, v in cond.items()}
-    if isinstance(cond, list) and cond and isinstance(cond[0], torch.Tensor):
-        return [c[:n] for c in cond]
-    return cond[:n]
-
-
-class LatentDiffusion(DDPM):
+class LatentDiffusion(DiffusionModule):
     """Diffusion in the latent space of a frozen first stage, with an optional conditioning stage.
 
     :param first_stage_config: the autoencoder (frozen).
     :param cond_stage_config: the conditioner, or ``__is_first_stage__`` / ``__is_unconditional__``.
-    :param num_timesteps_cond: with > 1, the conditioning is itself noised on a short schedule (legacy).
+    :param num_timesteps_cond: with > 1, the conditioning is itself noised on a short schedule in training (legacy).
     :param cond_stage_key: batch key of the conditioning (``class_label`` passes the whole batch).
     :param cond_stage_trainable: train the conditioner jointly (else it is frozen and applied in get_input).
     :param concat_mode: legacy: without `conditioning_key`, True means concat and False crossattn.
@@ -85,22 +77,19 @@ class LatentDiffusion(DDPM):
         if scale_by_std and scale_factor != 1.0:
             raise ValueError(f"scale_by_std sets scale_factor from the data; do not also give scale_factor "
                              f"({scale_factor})")
-        if not 0.0 <= ucg_rate <= 1.0:
-            raise ValueError(f"ucg_rate must be in [0, 1], got {ucg_rate}")
         self.scale_by_std = scale_by_std
         self.concat_mode = concat_mode
         self.cond_stage_trainable = cond_stage_trainable
         self.cond_stage_key = cond_stage_key
         self.cond_stage_forward = cond_stage_forward
-        self.ucg_rate = ucg_rate
-        self.ucg_null_label = ucg_null_label
-        self.concat_mask_key = concat_mask_key
         if scale_by_std:
             self.register_buffer("scale_factor", torch.tensor(scale_factor))
         else:
             self.scale_factor = scale_factor
         self.instantiate_first_stage(first_stage_config)
         self.instantiate_cond_stage(cond_stage_config)
+        self.conditions = ConditionBuilder(cond_stage_key, self.first_stage_key, self.cond_stage_model, ucg_rate,
+                                           ucg_null_label, concat_mask_key)
         self.clip_denoised = False
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys, only_model=load_only_unet)
@@ -113,7 +102,8 @@ class LatentDiffusion(DDPM):
         self.cond_ids[:self.num_timesteps_cond] = ids
 
     def instantiate_first_stage(self, config: Mapping[str, Any]) -> None:
-        self.first_stage_model = first_stage.freeze(instantiate_from_config(config))
+        self.first_stage_model = freeze(instantiate_from_config(config))
+        self.first_stage_codec = FirstStageCodec(self.first_stage_model)
 
     def instantiate_cond_stage(self, config: Mapping[str, Any] | str) -> None:
         special = config if isinstance(config, str) else None
@@ -132,7 +122,12 @@ class LatentDiffusion(DDPM):
         elif self.cond_stage_trainable:
             self.cond_stage_model = instantiate_from_config(config)
         else:
-            self.cond_stage_model = first_stage.freeze(instantiate_from_config(config))
+            self.cond_stage_model = freeze(instantiate_from_config(config))
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the network takes a conditioning (``conditioning_key`` is not None)."""
+        return self.model.conditioning_key is not None
 
     # -- scale_by_std ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -141,8 +136,8 @@ class LatentDiffusion(DDPM):
         fresh = self.current_epoch == 0 and self.global_step == 0 and batch_idx == 0
         if not (self.scale_by_std and fresh and not self.restarted_from_ckpt):
             return
-        x = DDPM.get_input(self, batch, self.first_stage_key).to(self.device)
-        z = first_stage.sample_encoding(self.encode_first_stage(x)).detach()
+        x = batch_tensor(batch, self.first_stage_key).to(self.device)
+        z = self.first_stage_codec.latent(self.encode_first_stage(x)).detach()
         # the std of the global batch (all ranks' latents), then rank zero's value everywhere: the same on every rank
         scale = 1.0 / global_mean_std(z.float())[1] if is_distributed() else 1.0 / z.flatten().float().std()
         broadcast_([scale], src=0)
@@ -152,25 +147,27 @@ class LatentDiffusion(DDPM):
     # -- first stage ------------------------------------------------------------------------------------------
     def get_first_stage_encoding(self, encoder_posterior: Any) -> torch.Tensor:
         """The scaled latent ``scale_factor * z`` ([N x C x h x w]) of a first-stage encoding."""
-        return self.scale_factor * first_stage.sample_encoding(encoder_posterior)
+        return self.scale_factor * self.first_stage_codec.latent(encoder_posterior)
 
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor) -> Any:
         """``first_stage_model.encode`` of [N x 3 x H x W] images in [-1, 1] (a tensor or a distribution)."""
-        return self.first_stage_model.encode(x)
+        return self.first_stage_codec.encode(x)
 
     def differentiable_decode_first_stage(self, z: torch.Tensor, predict_cids: bool = False,
                                           force_not_quantize: bool = False) -> torch.Tensor:
         """Images [N x 3 x H x W] from scaled latents [N x C x h x w] (or codebook ids with `predict_cids`)."""
         if predict_cids:
-            z = first_stage.codebook_latents(self.first_stage_model, z)
-        z = z / self.scale_factor
-        return first_stage.decode(self.first_stage_model, z, force_not_quantize=predict_cids or force_not_quantize)
+            z = self.first_stage_codec.codebook_latents(z)
+        return self.first_stage_codec.decode(z / self.scale_factor, predict_cids or force_not_quantize)
 
     @torch.no_grad()
     def decode_first_stage(self, z: torch.Tensor, predict_cids: bool = False,
                            force_not_quantize: bool = False) -> torch.Tensor:
         return self.differentiable_decode_first_stage(z, predict_cids, force_not_quantize)
+
+    def to_images(self, samples: torch.Tensor) -> torch.Tensor:
+        return self.decode_first_stage(samples)
 
     # -- conditioning -----------------------------------------------------------------------------------------
     def get_learned_conditioning(self, c: Any) -> Any:
@@ -186,57 +183,20 @@ class LatentDiffusion(DDPM):
                                      f"{type(self.cond_stage_model).__name__}")
             return fn(c)
         if callable(getattr(self.cond_stage_model, "encode", None)):
-            return first_stage.mode_of(self.cond_stage_model.encode(c))
+            return mode_of(self.cond_stage_model.encode(c))
         return self.cond_stage_model(c)
-
-    @property
-    def label_key(self) -> str:
-        """The batch key holding class labels for a class conditioner."""
-        return getattr(self.cond_stage_model, "key", None) or self.cond_stage_key
 
     @property
     def null_label(self) -> int | None:
         """The null class of classifier-free guidance: ``ucg_null_label`` or the embedder's ``n_classes - 1``."""
-        if self.ucg_null_label is not None:
-            return self.ucg_null_label
-        n_classes = getattr(self.cond_stage_model, "n_classes", None)
-        return None if n_classes is None else int(n_classes) - 1
+        return self.conditions.null_label
 
     def get_unconditional_conditioning(self, batch_size: int, like: Any = None) -> Any:
-        """The encoded null condition of a batch (empty captions, the null class, or zeros like `like`)."""
-        if self.model.conditioning_key is None:
+        """The encoded null condition of `batch_size` examples (empty captions, the null class, or zeros like
+        the raw conditioning `like`); None for unconditional models."""
+        if not self.conditional:
             return None
-        if like is None:
-            if self.cond_stage_key == "class_label" or hasattr(self.cond_stage_model, "n_classes"):
-                labels = torch.zeros(batch_size, dtype=torch.long, device=self.device)
-                like = {self.label_key: labels}
-            elif self.cond_stage_key in ("caption", "txt"):
-                like = [""] * batch_size
-            else:
-                raise ValueError(f"cannot infer the null condition of cond_stage_key '{self.cond_stage_key}'; "
-                                 f"pass an example raw conditioning as `like`")
-        xc = null_input(slice_cond(like, batch_size), self.null_label, self.label_key)
-        return self.get_learned_conditioning(xc)
-
-    def raw_conditioning(self, batch: Mapping[str, Any], cond_key: str, x: torch.Tensor) -> Any:
-        """The raw conditioning of a batch: captions/boxes as given, the batch for class labels, else an image."""
-        if cond_key == self.first_stage_key:
-            return x
-        if cond_key == "class_label":
-            return batch
-        if cond_key not in batch:
-            raise KeyError(f"batch has no conditioning key '{cond_key}' (keys: {', '.join(map(str, batch))}); "
-                           f"check cond_stage_key in the model config")
-        value = batch[cond_key]
-        if cond_key in RAW_COND_KEYS or is_text(value):
-            return value
-        return DDPM.get_input(self, batch, cond_key).to(self.device)
-
-    def apply_cond_dropout(self, xc: Any) -> Any:
-        """Conditioning dropout for classifier-free guidance with probability ``ucg_rate`` per example."""
-        n = len(xc[self.label_key]) if isinstance(xc, Mapping) else len(xc)
-        drop = torch.rand(n, device=self.device) < self.ucg_rate
-        return drop_conditioning(xc, drop, self.null_label, self.label_key)
+        return self.get_learned_conditioning(self.conditions.null(batch_size, like, self.device))
 
     @torch.no_grad()
     def get_input(self, batch: Mapping[str, Any], k: str, return_first_stage_outputs: bool = False,
@@ -247,21 +207,19 @@ class LatentDiffusion(DDPM):
         `c` is encoded unless the conditioner is trainable (then it is encoded in :meth:`forward`) or
         `force_c_encode`; with `cond_dropout`, ``ucg_rate`` of the raw conditioning is replaced by the null one.
         """
-        x = super().get_input(batch, k)
-        if bs is not None:
-            x = x[:bs]
-        x = x.to(self.device)
+        x = batch_tensor(batch, k)[:bs].to(self.device)
         z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
         c = xc = None
-        if self.model.conditioning_key is not None:
-            xc = self.raw_conditioning(batch, cond_key or self.cond_stage_key, x)
-            if cond_dropout and self.ucg_rate > 0:
-                xc = self.apply_cond_dropout(xc)
+        if self.conditional:
+            xc = self.conditions.raw(batch, x, cond_key)
+            if cond_dropout:
+                xc = self.conditions.drop(xc, self.device)
             c = self.get_learned_conditioning(xc) if (not self.cond_stage_trainable or force_c_encode) else xc
             if bs is not None and not isinstance(c, Mapping):
                 c = slice_cond(c, bs)
-            if self.concat_mask_key is not None:
-                c = torch.cat([c, self.latent_mask(batch, z)], dim=1)
+            mask = self.conditions.mask_channel(batch, z)
+            if mask is not None:
+                c = torch.cat([c, mask], dim=1)
         out = [z, c]
         if return_first_stage_outputs:
             out.extend([x, self.decode_first_stage(z)])
@@ -269,10 +227,17 @@ class LatentDiffusion(DDPM):
             out.append(xc)
         return out
 
-    def latent_mask(self, batch: Mapping[str, Any], z: torch.Tensor) -> torch.Tensor:
-        """The batch's ``concat_mask_key`` mask as [N x 1 x h x w] in {-1, 1} at the latent size of `z`."""
-        mask = DDPM.get_input(self, batch, self.concat_mask_key)[:z.shape[0]].to(z)
-        return torch.nn.functional.interpolate(2.0 * mask - 1.0, size=z.shape[-2:])
+    def sampling_conditions(self, n: int, batch: Mapping[str, Any] | None,
+                            guidance_scale: float) -> tuple[Any, Any]:
+        if not self.conditional:
+            return None, None
+        if batch is None:
+            raise ValueError(f"{type(self).__name__} is conditional ({self.model.conditioning_key}): sampling needs "
+                             f"a batch whose '{self.cond_stage_key}' conditions the samples")
+        _, cond, xc = self.get_input(batch, self.first_stage_key, force_c_encode=True, return_original_cond=True,
+                                     bs=n)
+        uncond = self.get_unconditional_conditioning(n, like=xc) if guidance_scale != 1.0 else None
+        return cond, uncond
 
     # -- training ---------------------------------------------------------------------------------------------
     def shared_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -290,7 +255,7 @@ class LatentDiffusion(DDPM):
 
     def forward(self, x: torch.Tensor, c: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict]:
         t = self.sample_timesteps(x)
-        if self.model.conditioning_key is not None:
+        if self.conditional:
             if c is None:
                 raise ValueError(f"conditioning_key is '{self.model.conditioning_key}' but no conditioning given")
             if self.cond_stage_trainable:
@@ -298,25 +263,10 @@ class LatentDiffusion(DDPM):
             c = self.noised_cond(c, t)
         return self.p_losses(x, c, t, *args, **kwargs)
 
-    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any,
-                    return_ids: bool = False) -> torch.Tensor:
-        """The network output for [N x C x h x w] `x_noisy` at [N] steps `t` with conditioning `cond`
-        (a tensor, a list of tensors, or a dict ``{"c_concat": [...], "c_crossattn": [...]}``)."""
-        out = self.model(x_noisy, t, **as_wrapper_kwargs(cond, self.model.key))
-        if isinstance(out, tuple) and not return_ids:
-            return out[0]
-        return out
-
-    def denoise(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
-        return self.apply_model(x_noisy, t, cond)
-
     def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor,
                  noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The training loss for latents [N x C x h x w] at [N] steps `t` given the (encoded) conditioning."""
-        noise = default(noise, lambda: self.sample_noise(x_start))
-        x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
-        model_output = self.apply_model(x_noisy, t, cond)
-        return self.compute_loss(model_output, self.get_target(x_start, noise, t), t)
+        return self.diffusion_loss(x_start, cond, t, noise)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = super().trainable_parameters()
@@ -326,33 +276,13 @@ class LatentDiffusion(DDPM):
         return params
 
     # -- sampling (notebook API) ----------------------------------------------------------------------------
-    def denoiser(self, cond: Any, score_corrector: Any = None,
-                 corrector_kwargs: Mapping[str, Any] | None = None) -> ancestral.Denoiser:
-        """``(x_t, t) -> model output`` with `cond` (noised for num_timesteps_cond > 1) and a score corrector."""
-        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            c = self.noised_cond(cond, t) if cond is not None else None
-            out = self.apply_model(x, t, c)
-            if score_corrector is not None:
-                if self.parameterization != "eps":
-                    raise ValueError("score_corrector needs an eps-prediction model")
-                out = score_corrector.modify_score(self, out, x, t, c, **(corrector_kwargs or {}))
-            return out
-        return denoise
-
-    def quantizer(self, quantize_denoised: bool) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """Snaps predicted x0 to the first stage's codebook when `quantize_denoised` (VQ first stages)."""
-        if not quantize_denoised:
-            return None
-        return lambda x0: self.first_stage_model.quantize(x0)[0]
-
     def p_mean_variance(self, x: torch.Tensor, c: Any, t: torch.Tensor, clip_denoised: bool,
                         quantize_denoised: bool = False, return_x0: bool = False, score_corrector: Any = None,
                         corrector_kwargs: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, ...]:
         """p(x_{t-1} | x_t, c): (mean, variance, log-variance[, predicted x0])."""
-        out = self.denoiser(c, score_corrector, corrector_kwargs)(x, t)
-        mean, var, log_var, x0 = ancestral.p_mean_variance(self, out, x, t, clip_denoised,
-                                                            self.quantizer(quantize_denoised))
-        return (mean, var, log_var, x0) if return_x0 else (mean, var, log_var)
+        guider = make_guider(self, score_corrector=score_corrector, corrector_kwargs=corrector_kwargs)
+        out = self.posterior_step(x, t, c, clip_denoised, quantize_denoised, guider)
+        return out if return_x0 else out[:3]
 
     @torch.no_grad()
     def p_sample(self, x: torch.Tensor, c: Any, t: torch.Tensor, clip_denoised: bool = False,
@@ -362,10 +292,16 @@ class LatentDiffusion(DDPM):
         """One ancestral step x_t -> x_{t-1} ([N x C x h x w]); with `return_x0` also the predicted x0."""
         mean, _, log_var, x0 = self.p_mean_variance(x, c, t, clip_denoised, quantize_denoised, True,
                                                     score_corrector, corrector_kwargs)
-        img = ancestral.p_sample_step(mean, log_var, t, repeat_noise, temperature, noise_dropout)
+        img = self.posterior_sample(mean, log_var, t, repeat_noise, temperature, noise_dropout)
         return (img, x0) if return_x0 else img
 
-    @torch.no_grad()
+    def ancestral_guider(self, score_corrector: Any = None,
+                         corrector_kwargs: Mapping[str, Any] | None = None) -> Guider:
+        """The guider of the original's ancestral loops: its score corrector, and with ``num_timesteps_cond > 1``
+        the conditioning noised at each step (as in training)."""
+        guider = make_guider(self, score_corrector=score_corrector, corrector_kwargs=corrector_kwargs)
+        return ConditioningAtStep(self.noised_cond, guider) if self.shorten_cond_schedule else guider
+
     def progressive_denoising(self, cond: Any, shape: Sequence[int], verbose: bool = True,
                               callback: Callable[[int], None] | None = None, quantize_denoised: bool = False,
                               img_callback: Callable[[torch.Tensor, int], None] | None = None,
@@ -381,15 +317,13 @@ class LatentDiffusion(DDPM):
         """
         if batch_size is not None:
             shape = [batch_size, *shape]
-        cond = slice_cond(cond, shape[0])
-        return ancestral.sample_loop(
-            self, self.denoiser(cond, score_corrector, corrector_kwargs), shape, x_T=x_T,
-            clip_denoised=self.clip_denoised, start_T=start_T, mask=mask, x0=x0,
-            x0_fn=self.quantizer(quantize_denoised), record_x0=True, log_every_t=log_every_t or self.log_every_t,
-            temperature=temperature, noise_dropout=noise_dropout, callback=callback, img_callback=img_callback,
-            verbose=verbose, device=self.device)
+        result = self.ancestral(slice_cond(cond, shape[0]), shape, steps=start_T, x_T=x_T, mask=mask, x0=x0,
+                                quantize_denoised=quantize_denoised, temperature=temperature,
+                                noise_dropout=noise_dropout, log_every_t=log_every_t, verbose=verbose,
+                                callback=_legacy_callback(callback, img_callback),
+                                guider=self.ancestral_guider(score_corrector, corrector_kwargs))
+        return result.samples, result.pred_x0[1:]
 
-    @torch.no_grad()
     def p_sample_loop(self, cond: Any, shape: Sequence[int], return_intermediates: bool = False,
                       x_T: torch.Tensor | None = None, verbose: bool = True,
                       callback: Callable[[int], None] | None = None, timesteps: int | None = None,
@@ -397,23 +331,45 @@ class LatentDiffusion(DDPM):
                       x0: torch.Tensor | None = None, img_callback: Callable[[torch.Tensor, int], None] | None = None,
                       start_T: int | None = None, log_every_t: int | None = None) -> Any:
         """Ancestral sampling of latents of `shape` ([N, C, h, w]); returns x_0 (and the x_t every few steps)."""
-        img, intermediates = ancestral.sample_loop(
-            self, self.denoiser(cond), shape, x_T=x_T, clip_denoised=self.clip_denoised, timesteps=timesteps,
-            start_T=start_T, mask=mask, x0=x0, x0_fn=self.quantizer(quantize_denoised),
-            log_every_t=log_every_t or self.log_every_t, callback=callback, img_callback=img_callback,
-            verbose=verbose, device=self.device)
-        return (img, intermediates) if return_intermediates else img
+        steps = min(timesteps or self.num_timesteps, start_T or self.num_timesteps)
+        result = self.ancestral(cond, shape, steps=steps, x_T=x_T, mask=mask, x0=x0,
+                                quantize_denoised=quantize_denoised, log_every_t=log_every_t, verbose=verbose,
+                                callback=_legacy_callback(callback, img_callback), guider=self.ancestral_guider())
+        return (result.samples, result.x_inter) if return_intermediates else result.samples
 
-    @torch.no_grad()
     def sample(self, cond: Any, batch_size: int = 16, return_intermediates: bool = False,
                x_T: torch.Tensor | None = None, verbose: bool = True, timesteps: int | None = None,
                quantize_denoised: bool = False, mask: torch.Tensor | None = None, x0: torch.Tensor | None = None,
                shape: Sequence[int] | None = None) -> Any:
         """Ancestral samples of ``batch_size`` latents [N x channels x image_size x image_size]."""
-        shape = default(shape, (batch_size, self.channels, self.image_size, self.image_size))
+        shape = default(shape, self.latent_shape(batch_size))
         return self.p_sample_loop(slice_cond(cond, batch_size), shape, return_intermediates=return_intermediates,
                                   x_T=x_T, verbose=verbose, timesteps=timesteps,
                                   quantize_denoised=quantize_denoised, mask=mask, x0=x0)
+
+    @torch.no_grad()
+    def sample_log(self, cond: Any, batch_size: int, ddim: bool, ddim_steps: int | None,
+                   **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        """Latent samples with DDIM in `ddim_steps` steps (intermediates as a dict), else ancestrally (a list).
+
+        :param kwargs: ``eta``, ``x0``, ``mask``, ``quantize_denoised``, ``unconditional_guidance_scale``,
+            ``unconditional_conditioning`` (and ``x_T``).
+        """
+        scale = kwargs.pop("unconditional_guidance_scale", 1.0)
+        uncond = kwargs.pop("unconditional_conditioning", None)
+        x0, mask, x_T = kwargs.pop("x0", None), kwargs.pop("mask", None), kwargs.pop("x_T", None)
+        if ddim:
+            options = SamplingOptions(sampler=SamplerKind.DDIM, steps=ddim_steps, eta=kwargs.pop("eta", 0.0),
+                                      quantize_denoised=kwargs.pop("quantize_denoised", False))
+        else:
+            kwargs.pop("eta", None)
+            options = SamplingOptions(sampler=SamplerKind.DDPM, steps=self.num_timesteps, log_every_t=self.log_every_t,
+                                      quantize_denoised=kwargs.pop("quantize_denoised", False))
+        if kwargs:
+            raise TypeError(f"sample_log got unexpected arguments {sorted(kwargs)}")
+        result = sample(self, self.latent_shape(batch_size), cond, uncond=uncond, scale=scale, options=options,
+                        x_T=x_T, mask=mask, x0=x0)
+        return result.samples, (result.intermediates if ddim else result.x_inter)
 
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any], N: int = 8, n_row: int = 4, sample: bool = True,
@@ -426,8 +382,59 @@ class LatentDiffusion(DDPM):
         samples (DDIM with `ddim_steps`, else ancestral), guided samples, inpainting, progressive row."""
         if kwargs:
             logger.debug("log_images ignores %s", sorted(kwargs))
-        return image_logging.log_images_ldm(
-            self, batch, N=N, n_row=n_row, sample=sample, ddim_steps=ddim_steps, ddim_eta=ddim_eta,
-            return_keys=return_keys, quantize_denoised=quantize_denoised, inpaint=inpaint,
-            plot_denoise_rows=plot_denoise_rows, plot_progressive_rows=plot_progressive_rows,
-            plot_diffusion_rows=plot_diffusion_rows, guidance_scale=unconditional_guidance_scale)
+        z, c, x, xrec, xc = self.get_input(batch, self.first_stage_key, return_first_stage_outputs=True,
+                                           force_c_encode=True, return_original_cond=True, bs=N)
+        N, n_row = min(x.shape[0], N), min(x.shape[0], n_row)
+        log: dict[str, torch.Tensor] = {"inputs": x, "reconstruction": xrec}
+        if self.conditional:
+            log.update(image_logging.conditioning_images(xc, c, (x.shape[2], x.shape[3]), self.conditioning_decoder()))
+        if plot_diffusion_rows:
+            row = image_logging.diffusion_row(self.q_sample, z[:n_row], self.num_timesteps, self.log_every_t)
+            log["diffusion_row"] = image_logging.rows_grid([self.decode_first_stage(zt) for zt in row])
+        if sample:
+            ddim = dict(ddim=ddim_steps is not None, ddim_steps=ddim_steps, eta=ddim_eta)
+            with self.ema_scope("Plotting"):
+                samples, z_denoise_row = self.sample_log(c, N, **ddim)
+            log["samples"] = self.decode_first_stage(samples)
+            if plot_denoise_rows:
+                log["denoise_row"] = image_logging.intermediates_grid(z_denoise_row, self.decode_first_stage)
+            variants = {}
+            if unconditional_guidance_scale != 1.0 and self.conditional:
+                variants[f"samples_cfg_scale_{unconditional_guidance_scale:.2f}"] = dict(
+                    unconditional_guidance_scale=unconditional_guidance_scale,
+                    unconditional_conditioning=self.get_unconditional_conditioning(N, like=xc))
+            if quantize_denoised and callable(getattr(self.first_stage_model, "quantize", None)):
+                variants["samples_x0_quantized"] = dict(quantize_denoised=True)
+            if inpaint:
+                masks = image_logging.inpainting_masks(N, z.shape[2], z.shape[3], z.device)
+                log["mask"] = masks["samples_inpainting"]
+                variants.update({name: dict(x0=z[:N], mask=m) for name, m in masks.items()})
+            for name, extra in variants.items():
+                with self.ema_scope(f"Plotting {name}"):
+                    log[name] = self.decode_first_stage(self.sample_log(c, N, **ddim, **extra)[0])
+        if plot_progressive_rows:
+            with self.ema_scope("Plotting Progressives"):
+                _, progressives = self.progressive_denoising(c, shape=self.latent_shape(N)[1:], batch_size=N,
+                                                             verbose=False)
+            log["progressive_row"] = image_logging.intermediates_grid(progressives, self.decode_first_stage)
+        return image_logging.select(log, return_keys)
+
+    def conditioning_decoder(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Turns an encoded conditioning back into an image, for conditioners that decode (a first stage); the
+        mask channel of inpainting conditionings is left out."""
+        if not callable(getattr(self.cond_stage_model, "decode", None)):
+            return None
+        drop_mask = self.conditions.concat_mask_key is not None
+        return lambda c: self.cond_stage_model.decode(c[:, :-1] if drop_mask else c)
+
+
+def _legacy_callback(callback: Callable[[int], None] | None,
+                     img_callback: Callable[[torch.Tensor, int], None] | None) -> Callable[[dict], None]:
+    """The one path's step callback calling the original's ``callback(i)`` and ``img_callback(x_t, i)``."""
+    def report(step: dict) -> None:
+        t = int(step["t"][0])
+        if callback is not None:
+            callback(t)
+        if img_callback is not None:
+            img_callback(step["x"], t)
+    return report

@@ -1,12 +1,13 @@
 """The DDPM training loss as a small callable: simple loss, learned log-variance weighting and the VLB term.
 
-For a network output `out` and its regression target `y` (eps, x0 or v; see parameterization.py) at steps t:
+For a network output `out` and its regression target `y` (eps, x0 or v; see parameterization.py) at steps t,
+with per-example weights w (a loss weighting, see training.py; 1 by default):
 
     l_simple = mean_flat(d(out, y))                        # [N], d = squared or absolute error
-    loss = l_simple_weight * mean(l_simple / exp(logvar[t]) + logvar[t])
+    loss = l_simple_weight * mean(w * l_simple / exp(logvar[t]) + logvar[t])
          + original_elbo_weight * mean(lvlb_weights[t] * l_simple)
 
-as in the original LatentDiffusion (with logvar = 0 the first term is the plain mean of l_simple).
+as in the original LatentDiffusion (with logvar = 0 and w = 1 the first term is the plain mean of l_simple).
 """
 from __future__ import annotations
 
@@ -51,15 +52,18 @@ class DiffusionLoss:
     log_logvar: bool = False
 
     def __call__(self, model_output: torch.Tensor, target: torch.Tensor, t: torch.Tensor, logvar: torch.Tensor,
-                 lvlb_weights: torch.Tensor, prefix: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 lvlb_weights: torch.Tensor, prefix: str,
+                 weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """:param model_output: an [N x C x ...] network output; :param target: its target, same shape.
         :param t: an [N] long Tensor of timesteps; :param logvar: a [T] Tensor of log-variances.
         :param lvlb_weights: the [T] VLB weights; :param prefix: 'train' or 'val', prefixes the log keys.
+        :param weights: [N] weights of each example's simple loss (None: all 1).
         :return: (scalar loss, dict of scalar Tensors to log)."""
         per_example = mean_flat(elementwise_loss(model_output.float(), target.float(), self.loss_type))
         logs = {f"{prefix}/loss_simple": per_example.mean()}
         logvar_t = logvar.to(per_example.device)[t]
-        weighted = per_example / torch.exp(logvar_t) + logvar_t
+        simple = per_example if weights is None else weights.to(per_example) * per_example
+        weighted = simple / torch.exp(logvar_t) + logvar_t
         if self.log_logvar:
             logs[f"{prefix}/loss_gamma"] = weighted.mean()
             logs["logvar"] = logvar.detach().mean()

@@ -1,15 +1,16 @@
-"""`PLMSSampler`: the original's PLMS class; the same interface and loop as `DDIMSampler`, the PLMS update."""
+"""`PLMSSampler`: the original's PLMS class; the same interface as `DDIMSampler` over the one sampling path,
+with the PLMS update."""
 from __future__ import annotations
 
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.models.diffusion.discrete import sample_plms
+from ldm.models.diffusion.sampling import SamplerKind
 
 
 class PLMSSampler(DDIMSampler):
     """Pseudo linear multistep sampling (Liu et al. 2022) with the original's warm-up; eta must be 0."""
 
     name = "PLMS"
-    sample_fn = staticmethod(sample_plms)
+    kind = SamplerKind.PLMS
 
     def make_schedule(self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.0,
                       verbose: bool = True) -> None:

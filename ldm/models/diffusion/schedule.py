@@ -139,3 +139,17 @@ def extract(a: torch.Tensor, t: torch.Tensor, x_shape: torch.Size) -> torch.Tens
     """Gathers ``a[t]`` for a batch of timesteps and shapes it [N x 1 x ...] to broadcast against `x_shape`."""
     out = a.to(t.device).gather(-1, t.long())
     return out.reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
+
+
+def q_sample(x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, sqrt_alphas: torch.Tensor,
+             sqrt_one_minus_alphas: torch.Tensor) -> torch.Tensor:
+    """x_t ~ q(x_t | x_0): ``sqrt(a_t) x_0 + sqrt(1 - a_t) noise`` (Ho et al. 2020, eq. 4); the one q_sample.
+
+    :param x_start: [N x C x ...] clean samples; :param noise: the same shape.
+    :param t: [N] long indices into the two tables.
+    :param sqrt_alphas: the table sqrt(a) ([T], e.g. the ``sqrt_alphas_cumprod`` buffer, or DDIM's own steps).
+    :param sqrt_one_minus_alphas: the table sqrt(1 - a), same length.
+    """
+    return (extract(sqrt_alphas, t, x_start.shape) * x_start
+            + extract(sqrt_one_minus_alphas, t, x_start.shape) * noise)
+

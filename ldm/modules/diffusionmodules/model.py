@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from ldm.util import ConfigError
+from ldm.util import ConfigError, parse_enum
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +32,7 @@ class AttentionType(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: str | AttentionType) -> AttentionType:
-        try:
-            return cls(value)
-        except ValueError:
-            raise ConfigError(f"unknown attn_type '{value}'; choose one of "
-                              f"{', '.join(t.value for t in cls)}") from None
+        return parse_enum(cls, value, "attn_type")
 
 
 def nonlinearity(x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ldm.util import parse_enum
+
 # A tokenizer directory needs one of these (transformers 5 silently builds an empty tokenizer without them).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
                    "sentencepiece.bpe.model")
@@ -89,10 +91,6 @@ class FrozenTextEncoder(nn.Module):
     def encode(self, text: str | Sequence[str]) -> torch.Tensor:
         return self(text)
 
-    def get_unconditional_conditioning(self, batch_size: int) -> torch.Tensor:
-        """The empty-prompt embedding used for classifier-free guidance: [batch_size x L x D]."""
-        return self([""] * batch_size)
-
     @property
     def _device(self) -> torch.device:
         return next(self.parameters()).device
@@ -145,11 +143,7 @@ class FrozenCLIPEmbedder(FrozenTextEncoder):
         return self
 
     def _set_layer(self, layer: str, layer_idx: int | None) -> None:
-        try:
-            self.layer = CLIPLayer(layer)
-        except ValueError:
-            raise ValueError(f"FrozenCLIPEmbedder: unknown layer '{layer}'; choose one of "
-                             f"{', '.join(m.value for m in CLIPLayer)}") from None
+        self.layer = parse_enum(CLIPLayer, layer, "layer")
         if (self.layer is CLIPLayer.HIDDEN) != (layer_idx is not None):
             raise ValueError("FrozenCLIPEmbedder: give 'layer_idx' exactly when layer='hidden'")
         self.layer_idx = layer_idx

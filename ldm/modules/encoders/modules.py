@@ -23,6 +23,7 @@ from ldm.modules.encoders.hf import (
     resolve_local_model,
 )
 from ldm.modules.x_transformer import Encoder, TransformerWrapper
+from ldm.util import parse_enum
 
 __all__ = ["AbstractEncoder", "ClassEmbedder", "TransformerEmbedder", "BERTTokenizer", "BERTEmbedder",
            "SpatialRescaler", "FrozenCLIPEmbedder", "CLIPLayer", "FrozenHFTextEmbedder", "FrozenTextEncoder"]
@@ -40,11 +41,14 @@ class AbstractEncoder(nn.Module):
 class ClassEmbedder(nn.Module):
     """Class labels -> learned embeddings for cross-attention: [N] labels -> an [N x 1 x embed_dim] Tensor.
 
+    The embedder only encodes: conditioning dropout and the null class belong to the model that uses it
+    (``ldm.models.diffusion.conditioning.ConditionBuilder``).
+
     :param embed_dim: embedding width.
     :param n_classes: number of classes (with classifier-free guidance the last one is the null class).
     :param key: the batch key holding the labels.
-    :param ucg_rate: probability, in training mode only, of replacing a label by the null class
-        ``n_classes - 1`` (0 disables it; conditioning dropout can also be left to LatentDiffusion).
+    :param ucg_rate: conditioning dropout rate for classifier-free guidance, as in SD2-style configs; a
+        LatentDiffusion applies it (once) when its own ``ucg_rate`` is not set.
     """
 
     def __init__(self, embed_dim: int, n_classes: int = 1000, key: str = "class", ucg_rate: float = 0.0):
@@ -68,15 +72,7 @@ class ClassEmbedder(nn.Module):
                 raise KeyError(f"ClassEmbedder: the batch has no key '{key}' (keys: {', '.join(map(str, batch))})")
             batch = batch[key]
         labels = torch.as_tensor(batch, device=self.embedding.weight.device).long().reshape(-1)
-        if self.training and self.ucg_rate > 0:
-            drop = torch.rand(labels.shape, device=labels.device) < self.ucg_rate
-            labels = torch.where(drop, torch.full_like(labels, self.n_classes - 1), labels)
         return self.embedding(labels[:, None])
-
-    def get_unconditional_conditioning(self, bs: int, device: torch.device | str | None = None) -> dict[str, Any]:
-        """A batch of `bs` null-class labels (``n_classes - 1``) under the configured key, as the original."""
-        device = self.embedding.weight.device if device is None else device
-        return {self.key: torch.full((bs,), self.n_classes - 1, dtype=torch.long, device=device)}
 
 
 class TransformerEmbedder(AbstractEncoder):
@@ -179,12 +175,6 @@ class BERTEmbedder(AbstractEncoder):
     def encode(self, text: str | Sequence[str] | torch.Tensor) -> torch.Tensor:
         return self(text)
 
-    def get_unconditional_conditioning(self, batch_size: int) -> torch.Tensor:
-        """The empty-prompt embedding used for classifier-free guidance: [batch_size x L x n_embed]."""
-        if not self.use_tknz_fn:
-            raise ValueError("BERTEmbedder without a tokenizer has no empty prompt; pass unconditional token ids")
-        return self([""] * batch_size)
-
 
 class InterpolationMethod(str, enum.Enum):
     NEAREST = "nearest"
@@ -213,11 +203,7 @@ class SpatialRescaler(nn.Module):
         super().__init__()
         if n_stages < 0:
             raise ValueError(f"SpatialRescaler: n_stages must be >= 0, got {n_stages}")
-        try:
-            self.method = InterpolationMethod(method)
-        except ValueError:
-            raise ValueError(f"SpatialRescaler: unknown method '{method}'; choose one of "
-                             f"{', '.join(m.value for m in InterpolationMethod)}") from None
+        self.method = parse_enum(InterpolationMethod, method, "method")
         self.n_stages = n_stages
         self.multiplier = multiplier
         self.remap_output = out_channels is not None

@@ -14,6 +14,7 @@ from torch import nn
 from ldm.modules.losses.adversarial import (AdversarialPerceptualLoss, GANLossType, LossStep, adopt_weight,
                                             hinge_d_loss, vanilla_d_loss)
 from ldm.modules.losses.lpips import PerceptualWeights
+from ldm.util import parse_enum
 
 __all__ = ["VQLPIPSWithDiscriminator", "DummyLoss", "hinge_d_loss", "vanilla_d_loss", "adopt_weight",
            "hinge_d_loss_with_exemplar_weights", "measure_perplexity", "l1", "l2"]
@@ -76,10 +77,7 @@ class VQLPIPSWithDiscriminator(AdversarialPerceptualLoss):
                  perceptual_weights: str = PerceptualWeights.PRETRAINED) -> None:
         if perceptual_loss != "lpips":
             raise ValueError(f"unknown perceptual_loss '{perceptual_loss}'; only 'lpips' is implemented")
-        try:
-            pixel = PixelLoss(pixel_loss)
-        except ValueError:
-            raise ValueError(f"unknown pixel_loss '{pixel_loss}'; choose 'l1' or 'l2'") from None
+        pixel = parse_enum(PixelLoss, pixel_loss, "pixel_loss")
         super().__init__(disc_start=disc_start, pixelloss_weight=pixelloss_weight, disc_num_layers=disc_num_layers,
                          disc_in_channels=disc_in_channels, disc_factor=disc_factor, disc_weight=disc_weight,
                          perceptual_weight=perceptual_weight, use_actnorm=use_actnorm,
