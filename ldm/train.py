@@ -16,6 +16,7 @@ from ldm.callbacks import SetupCallback
 from ldm.callbacks.reliability import preempted, reliability_callbacks, reliability_plugins, validate_config
 from ldm.cli import (RunPaths, device_count, merge_configs, parse_cli, resolve_run,
                      scaled_learning_rate, split_cli_args, trainer_arguments)
+from ldm.performance import apply_performance_options
 from ldm.util import as_list, config_source, instantiate_from_config
 
 logger = logging.getLogger("main")
@@ -104,6 +105,7 @@ def build(opt: Any, unknown: Sequence[str], now: str) -> tuple[RunPaths, DictCon
     trainer_kwargs = trainer_arguments(OmegaConf.to_container(trainer_config), gpus=opt.gpus)
     with config_source(*run.base):
         model = instantiate_from_config(config.model)
+        apply_performance_options(model, config.model.get("performance", None))
         data = instantiate_from_config(config.data)
         configure_learning_rate(model, config, trainer_kwargs, opt.scale_lr)
         callbacks = [SetupCallback(resume=opt.resume, now=now, logdir=str(run.logdir), ckptdir=str(run.ckptdir),
