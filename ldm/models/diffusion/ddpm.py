@@ -25,6 +25,7 @@ from ldm.models.diffusion.parameterization import Parameterization, target
 from ldm.models.diffusion.schedule import (BUFFER_NAMES, extract, lvlb_weights, make_beta_schedule,
                                            rescale_zero_terminal_snr, schedule_buffers)
 from ldm.modules.ema import LitEma
+from ldm.performance import optimizer_options
 from ldm.util import count_params, default, instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -314,7 +315,8 @@ class DDPM(pl.LightningModule):
         if lr is None:
             raise AttributeError(f"{type(self).__name__}.learning_rate is not set: main.py sets it from "
                                  f"model.base_learning_rate; set it before training")
-        opt = torch.optim.AdamW(self.trainable_parameters(), lr=lr)
+        params = self.trainable_parameters()
+        opt = torch.optim.AdamW(params, lr=lr, **optimizer_options(self, params))
         if not self.use_scheduler:
             return opt
         if "target" not in self.scheduler_config:
