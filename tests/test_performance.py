@@ -22,12 +22,7 @@ from ldm.util import ConfigError, instantiate_from_config
 CONFIGS = Path(__file__).parent / "configs"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_unet(**overrides) -> UNetModel:
