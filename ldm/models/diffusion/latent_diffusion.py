@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ldm.data import latent_cache
 from ldm.models.diffusion import ancestral, first_stage, image_logging
 from ldm.models.diffusion.conditioning import (as_wrapper_kwargs, drop_conditioning, is_text, null_input,
                                                resolve_conditioning_key)
@@ -140,8 +141,7 @@ class LatentDiffusion(DDPM):
         fresh = self.current_epoch == 0 and self.global_step == 0 and batch_idx == 0
         if not (self.scale_by_std and fresh and not self.restarted_from_ckpt):
             return
-        x = DDPM.get_input(self, batch, self.first_stage_key).to(self.device)
-        z = first_stage.sample_encoding(self.encode_first_stage(x)).detach()
+        z = first_stage.sample_encoding(self.encode_batch(batch, self.first_stage_key)[1]).detach()
         scale = 1.0 / z.flatten().float().std()
         if self._trainer is not None:
             scale = self.trainer.strategy.broadcast(scale, src=0)
@@ -152,6 +152,16 @@ class LatentDiffusion(DDPM):
     def get_first_stage_encoding(self, encoder_posterior: Any) -> torch.Tensor:
         """The scaled latent ``scale_factor * z`` ([N x C x h x w]) of a first-stage encoding."""
         return self.scale_factor * first_stage.sample_encoding(encoder_posterior)
+
+    @torch.no_grad()
+    def encode_batch(self, batch: Mapping[str, Any], k: str, bs: int | None = None) -> tuple[torch.Tensor | None, Any]:
+        """The images [N x C x H x W] of ``batch[k]`` and their first-stage encoding; a batch from a latent cache
+        (scripts/cache_latents.py) carries the encoding itself, and no images (None)."""
+        cached = latent_cache.cached_encoding(batch, self.first_stage_model, self.device, bs)
+        if cached is not None:
+            return None, cached
+        x = DDPM.get_input(self, batch, k)[:bs].to(self.device)
+        return x, self.encode_first_stage(x)
 
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor) -> Any:
@@ -246,11 +256,10 @@ class LatentDiffusion(DDPM):
         `c` is encoded unless the conditioner is trainable (then it is encoded in :meth:`forward`) or
         `force_c_encode`; with `cond_dropout`, ``ucg_rate`` of the raw conditioning is replaced by the null one.
         """
-        x = super().get_input(batch, k)
-        if bs is not None:
-            x = x[:bs]
-        x = x.to(self.device)
-        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        x, encoding = self.encode_batch(batch, k, bs)
+        z = self.get_first_stage_encoding(encoding).detach()
+        if x is None and (return_first_stage_outputs or (cond_key or self.cond_stage_key) == self.first_stage_key):
+            x = self.decode_first_stage(z)  # cached batches hold no images: their latents' decoding stands in
         c = xc = None
         if self.model.conditioning_key is not None:
             xc = self.raw_conditioning(batch, cond_key or self.cond_stage_key, x)
