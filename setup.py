@@ -34,5 +34,6 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout", "nbformat", "nbclient", "ipykernel"],
+        "benchmark": ["diffusers>=0.30"],  # scripts/benchmark.py --vs diffusers only
     },
 )
