@@ -325,6 +325,9 @@ def stage_two_batch(model: Any, config: Any, w: Workload) -> dict[str, Any]:
         batch[model.label_key] = torch.randint(0, n, (w.batch,), device=w.images.device)
     elif key in ("caption", "txt"):
         batch[key] = ["a photograph of an astronaut riding a horse"] * w.batch
+    elif model.model.conditioning_key == "concat":  # a map at the latent size, e.g. super-resolution's LR_image
+        channels = int(config.model.params.unet_config.params.in_channels) - int(model.channels)
+        batch[key] = torch.rand(w.batch, *w.latents.shape[-2:], channels, device=w.images.device) * 2 - 1
     else:
         raise ValueError(f"--compare cache: cannot make a '{key}' conditioning for this config")
     return batch
