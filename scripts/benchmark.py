@@ -358,6 +358,10 @@ def make_workload(config: Any, args: argparse.Namespace, device: torch.device, m
     return Workload(n, latents, context, labels, images, autocast)
 
 
+def progress(message: str) -> None:
+    print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -407,23 +411,27 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
-def device_peak_tflops(device: torch.device, precision: str) -> tuple[float, str]:
-    """The device's dense peak TFLOP/s at `precision` and where the number comes from."""
+def device_peak_tflops(device: torch.device, precision: str) -> dict[str, Any]:
+    """The device's dense peak TFLOP/s at `precision`, and where the number comes from.
+
+    GPUs in GPU_PEAKS: the data sheet. Otherwise it is measured: the best of 5 products of 2048 x 2048 matrices,
+    by wall time (``tflops``, the attainable throughput under the machine's load at the time) and, on CPU, by
+    process CPU time (``cpu_tflops``: per busy core, which other processes on a shared machine hardly change).
+    """
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for fragment, peaks in GPU_PEAKS.items():
             if fragment in name:
-                return peaks[precision], f"data sheet ({fragment}, dense {precision})"
-    dtype = DTYPES[precision] or torch.float32
-    a = torch.randn(2048, 2048, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(5):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ a
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * 2048 ** 3 / best / 1e12, f"measured: best of 5 {precision} 2048^3 matrix products (theoretical peak unknown)"
+                return {"tflops": peaks[precision], "source": f"data sheet ({fragment}, dense {precision})"}
+    a = torch.randn(2048, 2048, device=device, dtype=DTYPES[precision] or torch.float32)
+    a @ a
+    times = time_calls(lambda: a @ a, 5, device)
+    flops = 2 * 2048 ** 3
+    peak = {"tflops": flops / min(t[0] for t in times) / 1e12,
+            "source": f"measured: best of 5 {precision} 2048^3 matrix products in this run"}
+    if device.type == "cpu":
+        peak["cpu_tflops"] = flops / min(t[1] for t in times) / 1e12
+    return peak
 
 
 def machine() -> dict[str, Any]:
@@ -492,6 +500,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return built
 
     def prepare(name: str, options: Options) -> Built:
+        progress(f"building and warming up {name}")
         built = build(name, options)
         rec = records[name]
         rec["params"] = built.params
@@ -510,12 +519,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     load_before = machine()["load_average"]
     built = {} if isolate else {name: prepare(name, options) for name, options in subjects}
-    for _ in range(args.repeats):
+    for r in range(args.repeats):
         for name, options in subjects:
             subject = prepare(name, options) if isolate else built[name]
             for kind in kinds:
                 if kind in subject.steps:
                     records[name]["timings"][kind] += time_calls(subject.steps[kind], args.steps, device)
+                    progress(f"round {r + 1}/{args.repeats} {name} {kind}: "
+                             f"{', '.join(f'{t[0]:.3g}' for t in records[name]['timings'][kind][-args.steps:])} s")
             if isolate:
                 del subject
                 gc.collect()
@@ -529,7 +540,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def summarize(args: argparse.Namespace, device: torch.device, batch: int, kinds: list[str], records: dict[str, Any],
               started: str, load_before: list[float], isolate: bool) -> dict[str, Any]:
-    peak, peak_source = device_peak_tflops(device, args.precision) if args.flops else (None, None)
+    peak = device_peak_tflops(device, args.precision) if args.flops else None
     subjects = {}
     for name, rec in records.items():
         out: dict[str, Any] = {"params": rec.get("params")}
@@ -544,7 +555,11 @@ def summarize(args: argparse.Namespace, device: torch.device, batch: int, kinds:
             if flops:
                 entry["tflop_per_step"] = round(flops / 1e12, 4)
                 entry["tflops"] = round(flops / wall / 1e12, 4)
-                entry["share_of_peak"] = round(flops / wall / 1e12 / peak, 4)
+                entry["share_of_peak"] = round(flops / wall / 1e12 / peak["tflops"], 4)
+                if "cpu_tflops" in peak:  # per busy core: FLOPs over the CPU time of all threads
+                    cpu_tflops = flops / entry["median_cpu_s"] / 1e12
+                    entry["cpu_tflops_per_core"] = round(cpu_tflops, 4)
+                    entry["share_of_peak_cpu_time"] = round(cpu_tflops / peak["cpu_tflops"], 4)
             out[kind] = entry
         if "peak_memory_bytes" in rec:
             out["peak_memory_GiB"] = round(rec["peak_memory_bytes"] / 2 ** 30, 3)
@@ -552,7 +567,7 @@ def summarize(args: argparse.Namespace, device: torch.device, batch: int, kinds:
     return {"config": args.config, "date": started, "device": str(device), "machine": machine(),
             "load_average_before": load_before, "batch_size": batch, "precision": args.precision,
             "optimizer": args.optimizer, "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
-            "isolated": isolate, "peak_tflops": peak, "peak_source": peak_source, "subjects": subjects,
+            "isolated": isolate, "peak": peak, "subjects": subjects,
             "command": " ".join(["python", "scripts/benchmark.py", *sys.argv[1:]])}
 
 
@@ -563,6 +578,7 @@ ROWS = {"train": "train step", "sample": "guided sampling step", "encode": "firs
 def format_table(result: dict[str, Any]) -> str:
     """A Markdown table: one row per measure, one column per subject, and the speed ratio of the first subject
     to each other one (> 1: the first is faster)."""
+    cpu = result["device"] == "cpu"
     names = list(result["subjects"])
     subjects = [result["subjects"][n] for n in names]
     first = subjects[0]
@@ -571,14 +587,12 @@ def format_table(result: dict[str, Any]) -> str:
     for kind, label in ROWS.items():
         if kind not in first:
             continue
-        cells = [f"{s[kind]['median_s']:.4g} s ({s[kind]['images_per_s']:.3g} img/s)" if kind in s else "-"
-                 for s in subjects]
-        ratios = [f"{s[kind]['median_s'] / first[kind]['median_s']:.2f}x" if kind in s else "-" for s in subjects[1:]]
+        cells = [_time_cell(s[kind], cpu) if kind in s else "-" for s in subjects]
+        ratios = [_ratio_cell(first[kind], s[kind], cpu) if kind in s else "-" for s in subjects[1:]]
         rows.append([label + " (median)", *cells, *ratios])
         if "tflops" in first[kind]:
-            rows.append([f"{label}: TFLOP/s (share of peak)",
-                         *[f"{s[kind]['tflops']:.3g} ({100 * s[kind]['share_of_peak']:.1f} %)" if kind in s
-                           and "tflops" in s[kind] else "-" for s in subjects], *["" for _ in subjects[1:]]])
+            rows.append([f"{label}: TFLOP/s (share of peak)", *[_flops_cell(s.get(kind, {})) for s in subjects],
+                         *["" for _ in subjects[1:]]])
     if "peak_memory_GiB" in first:
         rows.append(["train step peak memory", *[f"{s.get('peak_memory_GiB', float('nan')):.3g} GiB" for s in subjects],
                      *[f"{s.get('peak_memory_GiB', float('nan')) / first['peak_memory_GiB']:.2f}x" for s in subjects[1:]]])
@@ -592,9 +606,31 @@ def format_table(result: dict[str, Any]) -> str:
                  f"({m['cpu']}, {m.get('gpu', 'no GPU')}, {m['torch_threads']} threads, torch {m['torch']}), "
                  f"{result['date']}; load average {result['load_average_before']} before, {m['load_average']} after; "
                  f"medians of {result['repeats']} rounds x {result['steps']} calls")
-    if result.get("peak_source"):
-        lines.append(f"peak {result['peak_tflops']:.3g} TFLOP/s: {result['peak_source']}")
+    if cpu:
+        lines.append("times: median wall time (median process CPU time of all threads); ratios: wall (CPU time)")
+    if result.get("peak"):
+        peak = result["peak"]
+        per_core = f", {1000 * peak['cpu_tflops']:.3g} GFLOP/s per busy core" if "cpu_tflops" in peak else ""
+        lines.append(f"peak: {peak['tflops']:.3g} TFLOP/s{per_core} ({peak['source']}); on CPU the share is "
+                     f"by CPU time (FLOPs per CPU second against the same for the matrix product)")
     return "\n".join(lines)
+
+
+def _time_cell(entry: dict[str, Any], cpu: bool) -> str:
+    cell = f"{entry['median_s']:.4g} s ({entry['images_per_s']:.3g} img/s)"
+    return cell.replace(" s (", f" s [CPU {entry['median_cpu_s']:.4g} s] (") if cpu else cell
+
+
+def _ratio_cell(first: dict[str, Any], other: dict[str, Any], cpu: bool) -> str:
+    cell = f"{other['median_s'] / first['median_s']:.2f}x"
+    return f"{cell} ({other['median_cpu_s'] / first['median_cpu_s']:.2f}x)" if cpu else cell
+
+
+def _flops_cell(entry: dict[str, Any]) -> str:
+    if "tflops" not in entry:
+        return "-"
+    share = entry.get("share_of_peak_cpu_time", entry["share_of_peak"])
+    return f"{entry['tflops']:.3g} ({100 * share:.1f} %)"
 
 
 if __name__ == "__main__":
