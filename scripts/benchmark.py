@@ -107,6 +107,7 @@ class Workload:
 
     batch: int
     latents: torch.Tensor  # [N x C x h x w]
+    target: torch.Tensor  # [N x C_out x h x w]: what the training step regresses the UNet output on
     context: torch.Tensor | None  # [N x M x D]
     labels: torch.Tensor | None  # [N]
     images: torch.Tensor | None  # [N x 3 x H x W] in [-1, 1]
@@ -144,7 +145,7 @@ def unet_steps(call: Callable, net: torch.nn.Module, w: Workload, optimizer: str
         t = torch.randint(0, 1000, (n,), device=w.latents.device)
         with w.autocast():
             out = call(w.latents, t, w.context, w.labels)
-        torch.nn.functional.mse_loss(out.float(), w.latents.float()).backward()
+        torch.nn.functional.mse_loss(out.float(), w.target).backward()
         if opt is not None:
             opt.step()
         net.zero_grad(set_to_none=True)
@@ -231,7 +232,7 @@ def first_stage_latent_shape(cfg: Any, images: torch.Tensor) -> tuple[int, int, 
 
 def held_bytes(net: torch.nn.Module, opt: torch.optim.Optimizer | None, w: Workload) -> int:
     state = [] if opt is None else [v for s in opt.state.values() for v in s.values()]
-    return tensor_bytes([*net.parameters(), *net.buffers(), *state, w.latents, w.context, w.labels])
+    return tensor_bytes([*net.parameters(), *net.buffers(), *state, w.latents, w.target, w.context, w.labels])
 
 
 def build_diffusers(config: Any, options: Options, w: Workload, args: argparse.Namespace, kinds: list[str],
@@ -327,6 +328,7 @@ def make_workload(config: Any, args: argparse.Namespace, device: torch.device, m
     size = args.latent_size or int(p.image_size)
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(n, int(p.in_channels), size, size, generator=g).to(device, memory_format=memory_format)
+    target = torch.randn(n, int(p.out_channels), size, size, generator=g).to(device)
     context = labels = None
     if p.get("context_dim"):
         text = config.model.params.get("cond_stage_key") in ("caption", "txt")
@@ -342,7 +344,7 @@ def make_workload(config: Any, args: argparse.Namespace, device: torch.device, m
         images = (torch.rand(n, 3, side, side, generator=g) * 2 - 1).to(device, memory_format=memory_format)
     dtype = DTYPES[args.precision]
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
-    return Workload(n, latents, context, labels, images, autocast)
+    return Workload(n, latents, target, context, labels, images, autocast)
 
 
 def fits_together(config: Any, args: argparse.Namespace, device: torch.device, n: int) -> bool:
