@@ -486,8 +486,9 @@ def format_table(result: dict[str, Any]) -> str:
             rows.append([f"{label}: TFLOP/s (share of peak)", *[_flops_cell(s.get(kind, {})) for s in subjects],
                          *["" for _ in subjects[1:]]])
     if "peak_memory_GiB" in first:
-        rows.append(["train step peak memory", *[f"{s.get('peak_memory_GiB', float('nan')):.3g} GiB" for s in subjects],
-                     *[f"{s.get('peak_memory_GiB', float('nan')) / first['peak_memory_GiB']:.2f}x" for s in subjects[1:]]])
+        memory = [s.get("peak_memory_GiB", float("nan")) for s in subjects]
+        rows.append(["train step peak memory", *[f"{m:.3g} GiB" for m in memory],
+                     *[f"{m / memory[0]:.2f}x" for m in memory[1:]]])
     params = ["parameters (UNet / first stage)",
               *[" / ".join(f"{v / 1e6:.2f} M" for v in (s.get("params") or {}).values()) for s in subjects],
               *["" for _ in subjects[1:]]]

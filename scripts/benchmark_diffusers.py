@@ -83,8 +83,10 @@ def autoencoder_kwargs(target: str, p: Mapping[str, Any]) -> dict[str, Any]:
     raise Unsupported(f"first stage {target} has no diffusers counterpart")
 
 
-def build_autoencoder(target: str, p: Mapping[str, Any], expected_params: int
-                      ) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+Coder = Callable[[torch.Tensor], torch.Tensor]
+
+
+def build_autoencoder(target: str, p: Mapping[str, Any], expected_params: int) -> tuple[nn.Module, Coder, Coder]:
     """(model, encode(images) -> latents, decode(latents) -> images) of the diffusers first stage like ours."""
     kwargs = autoencoder_kwargs(target, p)
     diffusers = _diffusers()

@@ -15,8 +15,9 @@ import torch
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # dense (no sparsity) peak TFLOP/s from the data sheets: {name fragment: {precision: TFLOP/s}}
-GPU_PEAKS = {"H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7}, "H100": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7},
-             "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0}}  # fp32 = TF32 tensor cores
+GPU_PEAKS = {"H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7},  # fp32: TF32 tensor cores
+             "H100": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7},
+             "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0}}
 
 
 def tensor_bytes(tensors: Any) -> int:
