@@ -154,7 +154,8 @@ class LatentDiffusion(DDPM):
         return self.scale_factor * first_stage.sample_encoding(encoder_posterior)
 
     @torch.no_grad()
-    def encode_batch(self, batch: Mapping[str, Any], k: str, bs: int | None = None) -> tuple[torch.Tensor | None, Any]:
+    def encode_batch(self, batch: Mapping[str, Any], k: str,
+                     bs: int | None = None) -> tuple[torch.Tensor | None, Any]:
         """The images [N x C x H x W] of ``batch[k]`` and their first-stage encoding; a batch from a latent cache
         (scripts/cache_latents.py) carries the encoding itself, and no images (None)."""
         cached = latent_cache.cached_encoding(batch, self.first_stage_model, self.device, bs)
