@@ -17,6 +17,7 @@ from ldm.callbacks.preemption import preempted
 from ldm.callbacks.reliability import reliability_callbacks, reliability_plugins
 from ldm.cli import RunPaths, merge_configs, parse_cli, resolve_run, scaled_learning_rate, split_cli_args, trainer_arguments
 from ldm.config_checks import validate_config
+from ldm.performance import apply_performance_options
 from ldm.strategies import check_strategy, distributed_arguments
 from ldm.util import as_list, config_source, instantiate_from_config
 
@@ -121,6 +122,7 @@ def build(opt: Any, unknown: Sequence[str], now: str,
     check_strategy(trainer_kwargs.get("strategy", "auto"))
     with config_source(*run.base):
         model = instantiate_from_config(config.model)
+        apply_performance_options(model, config.model.get("performance", None))
         data = instantiate_from_config(config.data)
         trainer_kwargs = distributed_arguments(trainer_kwargs, model, lightning_config,
                                                devices_key(opt, trainer_config))

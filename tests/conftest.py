@@ -30,3 +30,15 @@ def pytest_report_header(config: pytest.Config) -> str:
 def repo_root() -> Path:
     """The repository's root directory (where main.py lives)."""
     return REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a test module (tiny models run faster on one thread than on two contended ones);
+    use with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -318,6 +318,22 @@ def test_attention_block_matches_explicit_softmax_attention():
     torch.testing.assert_close(blk(x), x + blk.proj_out(out), rtol=1e-5, atol=1e-5)
 
 
+def test_attention_block_returns_the_layout_of_its_input():
+    """Its tokens are a channels-last view of the map: proj_out must get (and return) the input's layout."""
+    blk = AttnBlock(32).eval()
+    x = torch.randn(2, 32, 5, 4)
+    ref = blk(x)
+    assert ref.is_contiguous()
+    blk = blk.to(memory_format=torch.channels_last)
+    seen = []
+    blk.proj_out.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    out = blk(x)
+    assert seen == [True] and out.is_contiguous()
+    cl = blk(x.to(memory_format=torch.channels_last))
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(cl, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_linear_and_none_attention_types():
     enc = Encoder(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=[8], in_channels=3, resolution=16,
                   z_channels=2, attn_type="linear")

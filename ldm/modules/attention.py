@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.diffusionmodules.util import GroupNorm32, checkpoint, zero_module
+from ldm.modules.diffusionmodules.util import GroupNorm32, checkpoint, memory_format_of, zero_module
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -179,15 +179,18 @@ class SpatialTransformer(nn.Module):
         """
         b, c, h, w = x.shape
         x_in = x
+        layout = memory_format_of(x_in)
         x = self.norm(x)
+        # tokens [B x HW x C] are the channels-last view of a map; both directions restore a dense layout (the
+        # map's own on the way back), so no convolution sees activations whose layout differs from its weight's
         if self.use_linear:
-            x = self.proj_in(x.flatten(2).transpose(1, 2))
+            x = self.proj_in(x.flatten(2).transpose(1, 2).contiguous())
         else:
-            x = self.proj_in(x).flatten(2).transpose(1, 2)
+            x = self.proj_in(x).flatten(2).transpose(1, 2).contiguous()
         for block in self.transformer_blocks:
             x = block(x, context=context)
         if self.use_linear:
-            x = self.proj_out(x).transpose(1, 2).reshape(b, c, h, w)
+            x = self.proj_out(x).transpose(1, 2).reshape(b, c, h, w).contiguous(memory_format=layout)
         else:
-            x = self.proj_out(x.transpose(1, 2).reshape(b, -1, h, w))
+            x = self.proj_out(x.transpose(1, 2).reshape(b, -1, h, w).contiguous(memory_format=layout))
         return x + x_in

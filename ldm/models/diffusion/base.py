@@ -32,6 +32,7 @@ from ldm.models.diffusion.schedule import (BUFFER_NAMES, extract, lvlb_weights, 
                                            rescale_zero_terminal_snr, schedule_buffers)
 from ldm.models.diffusion.training import build_ema, build_loss_weighting, build_timestep_sampler
 from ldm.modules.ema import ema_weights
+from ldm.performance import optimizer_options
 from ldm.util import count_params, default, instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -274,7 +275,8 @@ class DiffusionModule(pl.LightningModule):
         if lr is None:
             raise AttributeError(f"{type(self).__name__}.learning_rate is not set: main.py sets it from "
                                  f"model.base_learning_rate; set it before training")
-        opt = torch.optim.AdamW(self.trainable_parameters(), lr=lr)
+        params = self.trainable_parameters()
+        opt = torch.optim.AdamW(params, lr=lr, **optimizer_options(self, params))
         if not self.use_scheduler:
             return opt
         if "target" not in self.scheduler_config:

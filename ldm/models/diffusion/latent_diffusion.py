@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ldm.data import latent_cache
 from ldm.distributed import broadcast_, global_mean_std, is_distributed
 from ldm.models.diffusion import image_logging
 from ldm.models.diffusion.base import DiffusionModule
@@ -136,8 +137,7 @@ class LatentDiffusion(DiffusionModule):
         fresh = self.current_epoch == 0 and self.global_step == 0 and batch_idx == 0
         if not (self.scale_by_std and fresh and not self.restarted_from_ckpt):
             return
-        x = batch_tensor(batch, self.first_stage_key).to(self.device)
-        z = self.first_stage_codec.latent(self.encode_first_stage(x)).detach()
+        z = self.first_stage_codec.latent(self.encode_batch(batch, self.first_stage_key)[1]).detach()
         # the std of the global batch (all ranks' latents), then rank zero's value everywhere: the same on every rank
         scale = 1.0 / global_mean_std(z.float())[1] if is_distributed() else 1.0 / z.flatten().float().std()
         broadcast_([scale], src=0)
@@ -148,6 +148,17 @@ class LatentDiffusion(DiffusionModule):
     def get_first_stage_encoding(self, encoder_posterior: Any) -> torch.Tensor:
         """The scaled latent ``scale_factor * z`` ([N x C x h x w]) of a first-stage encoding."""
         return self.scale_factor * self.first_stage_codec.latent(encoder_posterior)
+
+    @torch.no_grad()
+    def encode_batch(self, batch: Mapping[str, Any], k: str,
+                     bs: int | None = None) -> tuple[torch.Tensor | None, Any]:
+        """The images [N x C x H x W] of ``batch[k]`` and their first-stage encoding; a batch from a latent cache
+        (scripts/cache_latents.py) carries the encoding itself, and no images (None)."""
+        cached = latent_cache.cached_encoding(batch, self.first_stage_model, self.device, bs)
+        if cached is not None:
+            return None, cached
+        x = batch_tensor(batch, k)[:bs].to(self.device)
+        return x, self.encode_first_stage(x)
 
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor) -> Any:
@@ -207,8 +218,10 @@ class LatentDiffusion(DiffusionModule):
         `c` is encoded unless the conditioner is trainable (then it is encoded in :meth:`forward`) or
         `force_c_encode`; with `cond_dropout`, ``ucg_rate`` of the raw conditioning is replaced by the null one.
         """
-        x = batch_tensor(batch, k)[:bs].to(self.device)
-        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        x, encoding = self.encode_batch(batch, k, bs)
+        z = self.get_first_stage_encoding(encoding).detach()
+        if x is None and (return_first_stage_outputs or (cond_key or self.cond_stage_key) == self.first_stage_key):
+            x = self.decode_first_stage(z)  # cached batches hold no images: their latents' decoding stands in
         c = xc = None
         if self.conditional:
             xc = self.conditions.raw(batch, x, cond_key)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from ldm.modules.diffusionmodules.util import memory_format_of
 from ldm.util import ConfigError, parse_enum
 
 logger = logging.getLogger(__name__)
@@ -140,7 +141,8 @@ class AttnBlock(nn.Module):
         # [N x C x H x W] -> [N x 1 x HW x C]: one head, positions as the sequence
         q, k, v = (t.reshape(b, 1, c, h * w).transpose(2, 3) for t in (self.q(h_), self.k(h_), self.v(h_)))
         out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(2, 3).reshape(b, c, h, w)
+        # [N x 1 x HW x C] -> [N x C x H x W] is a channels-last view: give proj_out the layout of the input
+        out = out.transpose(2, 3).reshape(b, c, h, w).contiguous(memory_format=memory_format_of(x))
         return x + self.proj_out(out)
 
 

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ldm.modules.attention import SpatialTransformer
+from ldm.modules.attention import BasicTransformerBlock, SpatialTransformer
 from ldm.modules.diffusionmodules.unet_blocks import (
     AttentionBlock,
     AttentionPool2d,
@@ -90,6 +90,16 @@ class UNetTrunk(nn.Module):
             linear(time_embed_dim, time_embed_dim),
         )
         return time_embed_dim
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recomputes (or stops recomputing) the activations of every residual, attention and transformer block
+        in the backward pass, as ``use_checkpoint`` does at construction (non-reentrant, one block at a time)."""
+        self.use_checkpoint = enabled
+        for module in self.modules():
+            if isinstance(module, (ResBlock, AttentionBlock)):
+                module.use_checkpoint = enabled
+            elif isinstance(module, BasicTransformerBlock):
+                module.checkpoint = enabled
 
     def _time_embedding(self, timesteps: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
         """[N] (or scalar) timesteps -> the [N x 4 * model_channels] embedding, in the model's dtype."""

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.attention import SpatialTransformer
-from ldm.modules.diffusionmodules.util import avg_pool_nd, checkpoint, conv_nd, linear, normalization, zero_module
+from ldm.modules.diffusionmodules.util import (avg_pool_nd, checkpoint, conv_nd, linear, memory_format_of,
+                                              normalization, zero_module)
 
 
 class TimestepBlock(nn.Module):
@@ -250,9 +251,10 @@ class AttentionBlock(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
+        layout = memory_format_of(x)
         x = x.reshape(b, c, -1)
         h = self.proj_out(self.attention(self.qkv(self.norm(x))))
-        return (x + h).reshape(b, c, *spatial)
+        return (x + h).reshape(b, c, *spatial).contiguous(memory_format=layout)
 
 
 class AttentionPool2d(nn.Module):

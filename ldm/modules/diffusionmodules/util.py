@@ -19,7 +19,8 @@ from ldm.models.diffusion.schedule import make_beta_schedule
 from ldm.util import mean_flat
 
 __all__ = ["timestep_embedding", "zero_module", "scale_module", "GroupNorm32", "normalization", "conv_nd", "linear",
-           "avg_pool_nd", "checkpoint", "noise_like", "make_beta_schedule", "extract_into_tensor", "mean_flat"]
+           "avg_pool_nd", "checkpoint", "noise_like", "memory_format_of", "make_beta_schedule", "extract_into_tensor",
+           "mean_flat"]
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000,
@@ -117,6 +118,18 @@ def checkpoint(func: Callable[..., Any], inputs: Sequence[Any], params: Iterable
     if flag and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(func, *inputs, use_reentrant=False)
     return func(*inputs)
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """The memory format an [N x C x H x W] Tensor is laid out in: ``channels_last`` or ``contiguous_format``.
+
+    Blocks that reshape feature maps into token sequences and back use it to return their output in the layout
+    of their input. A map in the other layout makes every following convolution convert its weight (forward and
+    backward) to match the activations. Tensors that are both (1x1 maps) and other dims count as contiguous.
+    """
+    if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def noise_like(shape: Sequence[int], device: torch.device | str, repeat: bool = False) -> torch.Tensor:
