@@ -105,6 +105,8 @@ class EquivalenceLatentDiffusion(PerSampleNoise, LatentDiffusion):
         super().__init__(*args, **kwargs)
         self.signal_at_step = signal_at_step
         self.signal_rank = signal_rank
+        self.conditions.drop = self._seeded_drop  # the condition builder draws its dropout from the global generator
+
 
     def on_train_batch_start(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         self._remember(batch)
@@ -131,9 +133,11 @@ class EquivalenceLatentDiffusion(PerSampleNoise, LatentDiffusion):
         t = per_sample(self._index, self._step, 4, lambda g: torch.randint(0, self.num_timesteps, (), generator=g))
         return t.to(x.device)
 
-    def apply_cond_dropout(self, xc: Any) -> Any:
+    def _seeded_drop(self, xc: Any, device: torch.device | None = None) -> Any:
+        """ConditionBuilder.drop with each example's dropout decided by its own generator."""
+        builder = self.conditions
         u = per_sample(self._index, self._step, 5, lambda g: torch.rand((), generator=g))
-        return drop_conditioning(xc, (u < self.ucg_rate).to(self.device), self.null_label, self.label_key)
+        return drop_conditioning(xc, (u < builder.ucg_rate).to(self.device), builder.null_label, builder.label_key)
 
 
 class RankDump(pl.Callback):
