@@ -41,16 +41,13 @@ from typing import Any, Callable
 import torch
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ldm.data.latent_cache import FINGERPRINT_KEY, KINDS, first_stage_fingerprint
+from ldm.data.latent_cache_writer import split_encoding
+from ldm.inference import get_device, load_config
+from ldm.performance import apply_performance_options, fused_adamw_supported
+from ldm.util import count_params, instantiate_from_config
 
-from ldm.data.latent_cache import FINGERPRINT_KEY, KINDS, first_stage_fingerprint  # noqa: E402
-from ldm.data.latent_cache_writer import split_encoding  # noqa: E402
-from ldm.inference import get_device, load_config  # noqa: E402
-from ldm.performance import apply_performance_options, fused_adamw_supported  # noqa: E402
-from ldm.util import count_params, instantiate_from_config  # noqa: E402
-
-from benchmark_measure import (DTYPES, available_memory, count_flops, device_peak_tflops, machine,  # noqa: E402
+from benchmark_measure import (DTYPES, available_memory, count_flops, device_peak_tflops, machine,  # beside this script
                                peak_step_memory, progress, tensor_bytes, time_calls)
 
 KINDS_OF_STEP = ("train", "sample", "encode", "decode", "memory", "stage2")

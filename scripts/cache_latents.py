@@ -23,21 +23,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import Subset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ldm.checkpoint import load_state_dict, load_weights  # noqa: E402
-from ldm.data.latent_cache import first_stage_fingerprint  # noqa: E402
-from ldm.data.latent_cache_writer import STORAGE_DTYPES, CachePlan, CacheWriter  # noqa: E402
-from ldm.inference import get_device, load_config  # noqa: E402
-from ldm.models.diffusion.first_stage import freeze  # noqa: E402
-from ldm.util import config_source, instantiate_from_config  # noqa: E402
+from ldm.checkpoint import load_state_dict, load_weights
+from ldm.data.latent_cache import first_stage_fingerprint
+from ldm.data.latent_cache_writer import STORAGE_DTYPES, CachePlan, CacheWriter
+from ldm.inference import get_device, load_config
+from ldm.models.diffusion.first_stage import freeze
+from ldm.util import config_source, instantiate_from_config
 
 logger = logging.getLogger("cache_latents")
 
