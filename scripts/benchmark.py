@@ -47,7 +47,7 @@ from ldm.inference import get_device, load_config
 from ldm.performance import apply_performance_options, fused_adamw_supported
 from ldm.util import count_params, instantiate_from_config
 
-from benchmark_measure import (DTYPES, available_memory, count_flops, device_peak_tflops, machine,  # beside this script
+from benchmark_measure import (DTYPES, available_memory, count_flops, device_peak_tflops, machine,
                                peak_step_memory, progress, tensor_bytes, time_calls)
 
 KINDS_OF_STEP = ("train", "sample", "encode", "decode", "memory", "stage2")
