@@ -145,7 +145,8 @@ class DataModuleFromConfig(pl.LightningDataModule):
         The train split of a map-style dataset is drawn by a :class:`~ldm.data.sampler.ResumableSampler`: one
         shuffled order per epoch that depends only on the seed and the epoch, split over the ranks when there are
         several, so a resumed run continues it exactly (Lightning keeps this sampler instead of injecting its own);
-        each item's random augmentation is seeded by (seed, epoch, index) (:class:`~ldm.data.sampler.ItemSeededDataset`).
+        each item's random augmentation is seeded by (seed, epoch, index)
+        (:class:`~ldm.data.sampler.ItemSeededDataset`).
         The train split of a stream is a :class:`StreamLoader`.
         """
         if split not in self.dataset_configs:

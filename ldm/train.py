@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.callbacks import SetupCallback
 from ldm.callbacks.preemption import preempted
 from ldm.callbacks.reliability import reliability_callbacks, reliability_plugins
-from ldm.cli import RunPaths, merge_configs, parse_cli, resolve_run, scaled_learning_rate, split_cli_args, trainer_arguments
+from ldm.cli import (RunPaths, merge_configs, parse_cli, resolve_run, scaled_learning_rate, split_cli_args,
+                     trainer_arguments)
 from ldm.config_checks import validate_config
 from ldm.performance import apply_performance_options
 from ldm.strategies import check_strategy, distributed_arguments
