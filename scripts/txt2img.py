@@ -4,6 +4,7 @@ Writes ``OUTDIR/samples/NNNNN.png`` for every image and ``OUTDIR/grid-NNNN.png``
 training size (``--H``/``--W``) sample convolutionally.
 
     python scripts/txt2img.py --prompt "a virus monster playing guitar" --config cfg.yaml --ckpt model.ckpt
+    python scripts/txt2img.py --prompt "panda face" --run outputs/demo/logs/<time>_ldm   # a main.py run folder
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from ldm.inference import (
     add_sampling_arguments, decode_to_uint8, downsampling_factor, ema_weights, get_device, load_model, run_script,
     sampling_options, save_grid, save_samples, seed_everything, text_conditioning,
+    model_files,
 )
 from ldm.models.diffusion.sampling import sample
 
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     opt = parse_args(argv)
     prompts = read_prompts(opt)
     device = get_device(opt.device)
-    model = load_model(opt.config, opt.ckpt, device)
+    model = load_model(*model_files(opt), device)
     f = downsampling_factor(model)
     if opt.H % f or opt.W % f:
         raise ValueError(f"--H {opt.H} and --W {opt.W} must be multiples of the first stage's factor {f}")
