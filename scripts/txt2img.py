@@ -42,8 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt", default="a painting of a virus monster playing guitar")
     parser.add_argument("--from-file", dest="from_file", default=None, help="a file with one prompt per line")
     parser.add_argument("--negative_prompt", default="", help="the unconditional prompt of guidance")
-    parser.add_argument("--H", type=int, default=256, help="image height in pixels")
-    parser.add_argument("--W", type=int, default=256, help="image width in pixels")
+    parser.add_argument("--H", type=int, default=None, help="image height in pixels (default: the training size)")
+    parser.add_argument("--W", type=int, default=None, help="image width in pixels (default: the training size)")
     add_sampling_arguments(parser, outdir="outputs/txt2img-samples",
                            config="configs/latent-diffusion/txt2img-1p4B-eval.yaml",
                            ckpt="models/ldm/text2img-large/model.ckpt", scale=5.0)
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     device = get_device(opt.device)
     model = load_model(*model_files(opt), device)
     f = downsampling_factor(model)
+    opt.H, opt.W = opt.H or model.image_size * f, opt.W or model.image_size * f
     if opt.H % f or opt.W % f:
         raise ValueError(f"--H {opt.H} and --W {opt.W} must be multiples of the first stage's factor {f}")
     seed_everything(opt.seed)
