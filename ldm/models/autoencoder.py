@@ -223,9 +223,15 @@ class FirstStageModel(pl.LightningModule):
             aeloss, log_ae = self.compute_loss(x, xrec, reg, LossStep.GENERATOR, "train")
             self._optimizer_step(opt_ae, aeloss)
 
-        with opt_disc.toggle_model(sync_grad=False):
-            discloss, log_disc = self.compute_loss(x, xrec.detach(), reg, LossStep.DISCRIMINATOR, "train")
-            self._optimizer_step(opt_disc, discloss, parameters=self.loss.discriminator.parameters())
+        active = getattr(self.loss, "discriminator_active", None)
+        if active is None or active(self.batch_step):
+            with opt_disc.toggle_model(sync_grad=False):
+                discloss, log_disc = self.compute_loss(x, xrec.detach(), reg, LossStep.DISCRIMINATOR, "train")
+                self._optimizer_step(opt_disc, discloss, parameters=self.loss.discriminator.parameters())
+        else:  # before disc_start its loss is zero: no work, but the step counts (max_steps is in optimiser steps)
+            discloss, log_disc = torch.zeros((), device=x.device), {}
+            opt_disc.zero_grad(set_to_none=True)
+            opt_disc.step()
 
         for scheduler in self._schedulers():
             scheduler.step()
