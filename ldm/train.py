@@ -128,7 +128,8 @@ def build(opt: Any, unknown: Sequence[str], now: str,
                                                devices_key(opt, trainer_config))
         callbacks = [SetupCallback(resume=opt.resume, now=now, logdir=str(run.logdir), ckptdir=str(run.ckptdir),
                                    cfgdir=str(run.cfgdir), config=config, lightning_config=lightning_config,
-                                   job_marker=str(run.job_marker) if run.job_marker else None)]
+                                   job_marker=str(run.job_marker) if run.job_marker else None,
+                                   print_config=getattr(opt, "print_config", False))]
         callbacks_cfg = callbacks_config(lightning_config, run, model)
         callbacks += [instantiate_from_config(c) for c in callbacks_cfg.values() if c is not None]
         callbacks += reliability_callbacks(lightning_config, run.ckptdir)
