@@ -235,8 +235,10 @@ class FirstStageModel(pl.LightningModule):
 
         for scheduler in self._schedulers():
             scheduler.step()
-        self.log("train/aeloss", aeloss.detach(), prog_bar=True, logger=True, on_step=True, on_epoch=True)
-        self.log("train/discloss", discloss.detach(), prog_bar=True, logger=True, on_step=True, on_epoch=True)
+        n = len(x)
+        self.log("train/aeloss", aeloss.detach(), prog_bar=True, logger=True, on_step=True, on_epoch=True, batch_size=n)
+        self.log("train/discloss", discloss.detach(), prog_bar=True, logger=True, on_step=True, on_epoch=True,
+                 batch_size=n)
         self.log_dict(log_ae, prog_bar=False, logger=True, on_step=True, on_epoch=False)
         self.log_dict(log_disc, prog_bar=False, logger=True, on_step=True, on_epoch=False)
         return aeloss.detach()
@@ -255,11 +257,11 @@ class FirstStageModel(pl.LightningModule):
         _, log_disc = self.compute_loss(x, xrec, reg, LossStep.DISCRIMINATOR, split)
         rec_loss = log_ae.pop(f"{split}/rec_loss")
         self.log(f"{split}/rec_loss", rec_loss, prog_bar=True, logger=True, on_step=False, on_epoch=True,
-                 sync_dist=True)
+                 sync_dist=True, batch_size=len(x))
         self.log(f"{split}/aeloss", aeloss, prog_bar=True, logger=True, on_step=False, on_epoch=True,
-                 sync_dist=True)
-        self.log_dict(log_ae, sync_dist=True)
-        self.log_dict(log_disc, sync_dist=True)
+                 sync_dist=True, batch_size=len(x))
+        self.log_dict(log_ae, sync_dist=True, batch_size=len(x))
+        self.log_dict(log_disc, sync_dist=True, batch_size=len(x))
         return {f"{split}/rec_loss": rec_loss, **log_ae, **log_disc}
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
