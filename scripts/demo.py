@@ -254,11 +254,14 @@ def summary(metrics: dict, outdir: Path, ldm_run: Path, prompt: str) -> str:
               f"  logs/{Path(metrics['runs']['autoencoder']).name}/   stage one (checkpoints/, configs/, images/)",
               f"  logs/{Path(metrics['runs']['ldm']).name}/   stage two (checkpoints/, configs/, images/)",
               "Next:",
-              f"  sample more:       python scripts/txt2img.py --run {shown(ldm_run)} --prompt {shlex.quote(prompt)} "
+              f"  sample more:       python {shown(REPO / 'scripts' / 'txt2img.py')} --run {shown(ldm_run)} "
+              f"--prompt {shlex.quote(prompt)} "
               f"--n_samples 8 --scale {metrics['guidance_scale']:g} --ddim_steps {metrics['ddim_steps']} "
               f"--outdir {shown(outdir / 'more-samples')}",
-              f"  open the notebook: DEMO_RUN={shown(ldm_run)} jupyter notebook notebooks/demo.ipynb",
-              "  your own images:   docs/custom-data.md (a folder of images with captions, both stages, sampling)"]
+              f"  open the notebook: DEMO_RUN={shown(ldm_run)} jupyter notebook "
+              f"{shown(REPO / 'notebooks' / 'demo.ipynb')}",
+              f"  your own images:   {shown(REPO / 'docs' / 'custom-data.md')} (a folder of images with captions, "
+              f"both stages, sampling)"]
     return "\n".join(lines)
 
 
