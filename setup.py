@@ -35,7 +35,9 @@ setup(
     ],
     extras_require={
         # torch-fidelity: the FID/KID cross-check; 0.4.0 installs a top-level `tests` package that hides ours
-        "test": ["pytest", "pytest-timeout", "nbformat", "nbclient", "ipykernel", "torch-fidelity>=0.3,<0.4"],
+        "test": ["pytest", "pytest-timeout", "nbformat", "nbclient", "ipykernel", "matplotlib",
+                 "torch-fidelity>=0.3,<0.4"],
+        "notebook": ["notebook", "matplotlib"],  # notebooks/demo.ipynb
         "benchmark": ["diffusers>=0.30"],  # scripts/benchmark.py --vs diffusers only
     },
 )

@@ -69,10 +69,12 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpus", type=str, default=None,
                         help="GPUs as in Lightning 1.x: '0,1' (indices), '0,' (GPU 0), '2' (two GPUs), '-1' "
                              "(all); CPU when absent")
+    parser.add_argument("--print_config", default=False, help="also print the merged config (it is always saved "
+                        "to <run>/configs/)", **bool_flag)
     return parser
 
 
-BOOL_FLAGS = ("-t", "--train", "--no-test", "-d", "--debug", "--scale_lr")
+BOOL_FLAGS = ("-t", "--train", "--no-test", "-d", "--debug", "--scale_lr", "--print_config")
 BOOL_WORDS = ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0")
 
 

@@ -21,6 +21,7 @@ from ldm.data.base import UnusableImage, open_image, to_model_image
 from ldm.models.autoencoder import allow_missing_checkpoints
 from ldm.models.diffusion.guidance import Conditioning
 from ldm.models.diffusion.sampling import Precision, SamplerKind, SamplingOptions, SigmaSchedule, autocast
+from ldm.runs import CheckpointChoice, resolve_run_folder
 from ldm.util import ConfigError, config_source, instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -185,8 +186,7 @@ def seed_everything(seed: int) -> None:
 def add_sampling_arguments(parser: argparse.ArgumentParser, outdir: str, config: str | None, ckpt: str | None,
                            scale: float = 1.0, steps: int = 50, n_samples: int = 4) -> None:
     """The arguments every sampling script shares (model, device, sampler, guidance, seeds, outputs)."""
-    parser.add_argument("--config", default=config, required=config is None, help="model config (YAML)")
-    parser.add_argument("--ckpt", default=ckpt, required=ckpt is None, help="checkpoint (.ckpt or .safetensors)")
+    add_run_arguments(parser, config, ckpt)
     parser.add_argument("--outdir", default=outdir, help="output folder")
     parser.add_argument("--sampler", default=SamplerKind.DDIM.value, choices=[k.value for k in SamplerKind])
     parser.add_argument("--ddim_steps", "--steps", dest="ddim_steps", type=int, default=steps,
@@ -204,6 +204,41 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, outdir: str, config:
     parser.add_argument("--precision", default=Precision.AUTOCAST.value, choices=[p.value for p in Precision],
                         help="autocast (float16) or bf16 on accelerators, or full precision")
     parser.add_argument("--device", default=None, help="device (default: cuda, else mps, else cpu)")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, config: str | None, ckpt: str | None) -> None:
+    """The model's files: ``--run`` (a ``main.py`` run folder) or ``--config``/``--ckpt`` (the original's
+    layout; `config`/`ckpt` are the script's defaults). :func:`model_files` resolves them after parsing."""
+    parser.add_argument("--run", default=None,
+                        help="a main.py run folder (<logdir>/<time>_<name>) or a checkpoint inside one: its merged "
+                             "config and checkpoint, instead of --config/--ckpt")
+    parser.add_argument("--run_checkpoint", default="last", choices=[c.value for c in CheckpointChoice],
+                        help="with --run: the last checkpoint, or the best on the model's monitored metric")
+    parser.add_argument("--config", default=None, help=f"model config (YAML){f'; default {config}' if config else ''}")
+    parser.add_argument("--ckpt", default=None,
+                        help=f"checkpoint (.ckpt or .safetensors){f'; default {ckpt}' if ckpt else ''}")
+    parser.set_defaults(default_config=config, default_ckpt=ckpt)
+
+
+def model_files(opt: argparse.Namespace) -> tuple[Path, Path]:
+    """The config and checkpoint that the arguments of :func:`add_run_arguments` name, also written back to
+    ``opt.config``/``opt.ckpt``.
+
+    :raises ValueError: when ``--run`` comes with ``--config``/``--ckpt``, or neither names a config and checkpoint.
+    :raises RunFolderError: when ``--run`` is not a run folder (the message says what is missing).
+    """
+    if opt.run is not None:
+        if opt.config is not None or opt.ckpt is not None:
+            raise ValueError("--run takes the config and checkpoint from the run folder; leave out --config/--ckpt")
+        checkpoint = None if Path(opt.run).is_file() else opt.run_checkpoint
+        run = resolve_run_folder(opt.run, checkpoint)
+        opt.config, opt.ckpt = run.config, run.checkpoint
+    else:
+        opt.config = opt.config or getattr(opt, "default_config", None)
+        opt.ckpt = opt.ckpt or getattr(opt, "default_ckpt", None)
+        if opt.config is None or opt.ckpt is None:
+            raise ValueError("name the model: --run <main.py run folder>, or both --config and --ckpt")
+    return Path(opt.config), Path(opt.ckpt)
 
 
 def sampling_options(opt: argparse.Namespace) -> SamplingOptions:

@@ -18,6 +18,7 @@ from ldm.callbacks.reliability import reliability_callbacks, reliability_plugins
 from ldm.cli import (RunPaths, merge_configs, parse_cli, resolve_run, scaled_learning_rate, split_cli_args,
                      trainer_arguments)
 from ldm.config_checks import validate_config
+from ldm.known_warnings import silence_known_warnings
 from ldm.performance import apply_performance_options
 from ldm.strategies import check_strategy, distributed_arguments
 from ldm.util import as_list, config_source, instantiate_from_config
@@ -129,7 +130,8 @@ def build(opt: Any, unknown: Sequence[str], now: str,
                                                devices_key(opt, trainer_config))
         callbacks = [SetupCallback(resume=opt.resume, now=now, logdir=str(run.logdir), ckptdir=str(run.ckptdir),
                                    cfgdir=str(run.cfgdir), config=config, lightning_config=lightning_config,
-                                   job_marker=str(run.job_marker) if run.job_marker else None)]
+                                   job_marker=str(run.job_marker) if run.job_marker else None,
+                                   print_config=getattr(opt, "print_config", False))]
         callbacks_cfg = callbacks_config(lightning_config, run, model)
         callbacks += [instantiate_from_config(c) for c in callbacks_cfg.values() if c is not None]
         callbacks += reliability_callbacks(lightning_config, run.ckptdir)
@@ -158,6 +160,7 @@ def _has_split(data: Any, split: str) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``main.py`` with `argv` (default: ``sys.argv[1:]``); returns the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    silence_known_warnings()
     now = run_time()
     argv = sys.argv[1:] if argv is None else argv
     opt, unknown = parse_cli(argv)

@@ -17,6 +17,7 @@ from ldm.inference import (
     add_sampling_arguments, class_conditioning, decode_to_uint8, downsampling_factor, ema_weights, get_device,
     is_class_conditional, load_image, load_model, run_script, save_grid, save_samples, seed_everything,
     text_conditioning,
+    model_files,
 )
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.sampling import autocast
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"--strength must be in (0, 1], got {opt.strength}")
     image = load_image(opt.init_img)
     device = get_device(opt.device)
-    model = load_model(opt.config, opt.ckpt, device)
+    model = load_model(*model_files(opt), device)
     multiple = 8 * downsampling_factor(model)
     h, w = (s - s % multiple for s in image.shape[-2:])
     if h == 0 or w == 0:

@@ -19,6 +19,7 @@ from PIL import Image
 from ldm.inference import (
     add_sampling_arguments, downsampling_factor, ema_weights, get_device, load_image, load_model, run_script,
     sampling_options, seed_everything, to_uint8,
+    model_files,
 )
 from ldm.models.diffusion.conditioning import mask_channel
 from ldm.models.diffusion.sampling import autocast, sample
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     opt = parse_args(argv)
     pairs = find_pairs(opt.indir)
     device = get_device(opt.device)
-    model = load_model(opt.config, opt.ckpt, device)
+    model = load_model(*model_files(opt), device)
     f = downsampling_factor(model)
     seed_everything(opt.seed)
     outdir = Path(opt.outdir)

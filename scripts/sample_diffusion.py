@@ -16,6 +16,7 @@ import torch
 from ldm.inference import (
     add_sampling_arguments, class_conditioning, decode_to_uint8, ema_weights, get_device, is_class_conditional,
     load_model, null_class, run_script, sampling_options, save_grid, save_samples, seed_everything,
+    model_files,
 )
 from ldm.models.diffusion.sampling import sample
 
@@ -51,7 +52,7 @@ def labels_for(model, opt: argparse.Namespace, n: int) -> torch.Tensor | None:
 def main(argv: list[str] | None = None) -> None:
     opt = parse_args(argv)
     device = get_device(opt.device)
-    model = load_model(opt.config, opt.ckpt, device)
+    model = load_model(*model_files(opt), device)
     seed_everything(opt.seed)
     labels = labels_for(model, opt, opt.n_total or opt.n_samples * opt.n_iter)
     total = len(labels) if labels is not None else (opt.n_total or opt.n_samples * opt.n_iter)

@@ -15,7 +15,7 @@ import torch
 
 from ldm.inference import (
     add_sampling_arguments, decode_to_uint8, downsampling_factor, ema_weights, get_device, load_image, load_model,
-    run_script, sampling_options, save_grid, save_samples, seed_everything,
+    model_files, run_script, sampling_options, save_grid, save_samples, seed_everything,
 )
 from ldm.models.diffusion.sampling import sample
 
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     opt = parse_args(argv)
     lr = load_image(opt.input)
     device = get_device(opt.device)
-    model = load_model(opt.config, opt.ckpt, device)
+    model = load_model(*model_files(opt), device)
     if model.model.conditioning_key != "concat":
         raise ValueError(f"{opt.config} is not a super-resolution model (conditioning_key is "
                          f"'{model.model.conditioning_key}', not 'concat')")

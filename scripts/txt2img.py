@@ -4,6 +4,7 @@ Writes ``OUTDIR/samples/NNNNN.png`` for every image and ``OUTDIR/grid-NNNN.png``
 training size (``--H``/``--W``) sample convolutionally.
 
     python scripts/txt2img.py --prompt "a virus monster playing guitar" --config cfg.yaml --ckpt model.ckpt
+    python scripts/txt2img.py --prompt "panda face" --run outputs/demo/logs/<time>_ldm   # a main.py run folder
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from ldm.inference import (
     add_sampling_arguments, decode_to_uint8, downsampling_factor, ema_weights, get_device, load_model, run_script,
     sampling_options, save_grid, save_samples, seed_everything, text_conditioning,
+    model_files,
 )
 from ldm.models.diffusion.sampling import sample
 
@@ -40,8 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt", default="a painting of a virus monster playing guitar")
     parser.add_argument("--from-file", dest="from_file", default=None, help="a file with one prompt per line")
     parser.add_argument("--negative_prompt", default="", help="the unconditional prompt of guidance")
-    parser.add_argument("--H", type=int, default=256, help="image height in pixels")
-    parser.add_argument("--W", type=int, default=256, help="image width in pixels")
+    parser.add_argument("--H", type=int, default=None, help="image height in pixels (default: the training size)")
+    parser.add_argument("--W", type=int, default=None, help="image width in pixels (default: the training size)")
     add_sampling_arguments(parser, outdir="outputs/txt2img-samples",
                            config="configs/latent-diffusion/txt2img-1p4B-eval.yaml",
                            ckpt="models/ldm/text2img-large/model.ckpt", scale=5.0)
@@ -52,8 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     opt = parse_args(argv)
     prompts = read_prompts(opt)
     device = get_device(opt.device)
-    model = load_model(opt.config, opt.ckpt, device)
+    model = load_model(*model_files(opt), device)
     f = downsampling_factor(model)
+    opt.H, opt.W = opt.H or model.image_size * f, opt.W or model.image_size * f
     if opt.H % f or opt.W % f:
         raise ValueError(f"--H {opt.H} and --W {opt.W} must be multiples of the first stage's factor {f}")
     seed_everything(opt.seed)

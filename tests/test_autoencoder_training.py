@@ -89,12 +89,17 @@ def test_kl_training_reconstruction_falls_and_discriminator_switches_on():
     model.learning_rate = 2e-3
     before = _l1(model, kl=True)
     logvar = model.loss.logvar.detach().clone()
+    disc_calls: list[int] = []
+    model.loss.discriminator.register_forward_hook(lambda *_: disc_calls.append(model.batch_step))
     trainer, rec = _fit(model, epochs=20)
     after = _l1(model, kl=True)
     assert after < 0.85 * before, (before, after)
     assert [r[0] for r in rec.rows] == list(range(40))
     assert trainer.global_step == 80  # Lightning counts both optimisers' steps
     _check_disc_switch(rec)
+    # before disc_start the discriminator is not run at all (its terms are zero); from then on three times a
+    # batch: the generator's g_loss, then real and fake in its own step
+    assert min(disc_calls) == DISC_START and len(disc_calls) == 3 * (40 - DISC_START)
     torch.testing.assert_close(model.loss.logvar.detach(), logvar)  # as in the original: not optimised
     logged = set(trainer.callback_metrics)
     assert {f"train/{k}" for k in ("aeloss", "discloss", "total_loss", "logvar", "kl_loss", "nll_loss", "rec_loss",

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from ldm.checkpoint import load_checkpoint
 from ldm.cli import resolve_run
+from ldm.inference import add_run_arguments, model_files
 from ldm.runs import (RunFolderError, best_checkpoint, locate_checkpoint, resolve_run_folder,
                       run_folder_of_checkpoint, saved_configs)
 
-CONFIGS = Path(__file__).parent / "configs"
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "tests" / "configs"
 MONITOR = "val/loss_simple_ema"
 
 
@@ -127,6 +133,49 @@ def test_main_py_resume_reads_the_same_folder(tmp_path):
         locate_checkpoint(tmp_path)
 
 
+def _sample_diffusion(argv: list[str]) -> None:
+    spec = importlib.util.spec_from_file_location("script_sample_diffusion", REPO / "scripts" / "sample_diffusion.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(argv)
+
+
+def _model_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser, config="default.yaml", ckpt="default.ckpt")
+    return parser.parse_args(list(argv))
+
+
+def test_run_argument_names_the_model_files(tmp_path):
+    """--run gives the run's newest merged config and its last or best checkpoint; --config/--ckpt (or the
+    script's defaults) still work; mixing both or a folder that is not a run fails naming the problem."""
+    logdir = fake_run(tmp_path)
+    newest = logdir / "configs" / "2024-01-02T00-00-00-project.yaml"
+    assert model_files(_model_args("--run", str(logdir))) == (newest, logdir / "checkpoints" / "last.ckpt")
+    best = model_files(_model_args("--run", str(logdir), "--run_checkpoint", "best"))
+    assert best == (newest, logdir / "checkpoints" / "epoch=000001.ckpt")
+    epoch0 = logdir / "checkpoints" / "epoch=000000.ckpt"
+    assert model_files(_model_args("--run", str(epoch0))) == (newest, epoch0)
+    opt = _model_args("--config", "a.yaml", "--ckpt", "b.ckpt")
+    assert model_files(opt) == (Path("a.yaml"), Path("b.ckpt")) and opt.config == "a.yaml"
+    assert model_files(_model_args()) == (Path("default.yaml"), Path("default.ckpt"))
+    with pytest.raises(ValueError, match="leave out --config/--ckpt"):
+        model_files(_model_args("--run", str(logdir), "--ckpt", "b.ckpt"))
+    with pytest.raises(RunFolderError, match="not a main.py run folder.*holds 1 run folder"):
+        model_files(_model_args("--run", str(tmp_path)))
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser, config=None, ckpt=None)
+    with pytest.raises(ValueError, match="--run <main.py run folder>, or both --config and --ckpt"):
+        model_files(parser.parse_args(["--config", "a.yaml"]))
+
+
+def test_sampling_script_with_a_folder_that_is_not_a_run(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "txt2img.py"), "--run", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"error: {tmp_path} is not a main.py run folder" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def _val_losses(logdir: Path) -> dict[int, float]:
     """Validation loss per epoch from the run's CSV log (what the checkpoint callback ranked)."""
     with open(logdir / "csv" / "version_0" / "metrics.csv") as f:
@@ -157,6 +206,19 @@ def test_a_real_main_py_run_resolves_and_its_checkpoints_fit_its_config(tmp_path
     assert best == logdir / "checkpoints" / f"epoch={min(losses, key=losses.get):06}.ckpt"
     assert len(list((logdir / "checkpoints").glob("epoch=*.ckpt"))) == 3
     assert load_checkpoint(best)["epoch"] == min(losses, key=losses.get)
+
+    # a sampling script given --run samples exactly what --config/--ckpt of the same files sample
+    def sampled(*model_args: str) -> np.ndarray:
+        out = tmp_path / "samples" / "-".join(a.rsplit("/", 1)[-1] for a in model_args)
+        _sample_diffusion([*model_args, "--classes", "1", "--n_samples", "2", "--ddim_steps", "3", "--npz",
+                           "--outdir", str(out), "--device", "cpu"])
+        return np.load(out / "samples.npz")["arr_0"]
+
+    by_files = sampled("--config", str(run.config), "--ckpt", str(run.checkpoint))
+    np.testing.assert_array_equal(sampled("--run", str(logdir)), by_files)
+    by_best = sampled("--config", str(run.config), "--ckpt", str(best))
+    np.testing.assert_array_equal(sampled("--run", str(logdir), "--run_checkpoint", "best"), by_best)
+    assert not np.array_equal(by_best, by_files)  # the two checkpoints differ, and --run_checkpoint chose
 
     # main.py -r continues the same folder; the resolver then gives the newer merged config and last state
     main(["-r", str(logdir), "-t", "lightning.trainer.max_steps=10", "lightning.trainer.enable_progress_bar=false"])

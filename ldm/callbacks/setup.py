@@ -23,10 +23,13 @@ class SetupCallback(Callback):
     :param config: the merged config, without its ``lightning`` section.
     :param lightning_config: the ``lightning`` section as the trainer used it.
     :param job_marker: a file in which to record the log dir (see :func:`ldm.cli.slurm_job_marker`), or None.
+    :param print_config: also log the merged config in full (``main.py --print_config``); otherwise only where it
+        was saved.
     """
 
     def __init__(self, resume: str, now: str, logdir: str, ckptdir: str, cfgdir: str, config: DictConfig,
-                 lightning_config: DictConfig, job_marker: str | None = None) -> None:
+                 lightning_config: DictConfig, job_marker: str | None = None,
+                 print_config: bool = False) -> None:
         super().__init__()
         self.resume = resume
         self.now = now
@@ -36,6 +39,7 @@ class SetupCallback(Callback):
         self.config = config
         self.lightning_config = lightning_config
         self.job_marker = Path(job_marker) if job_marker else None
+        self.print_config = print_config
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.global_rank == 0:
@@ -52,7 +56,10 @@ class SetupCallback(Callback):
         OmegaConf.save(self.config, project)
         OmegaConf.save(OmegaConf.create({"lightning": self.lightning_config}),
                        self.cfgdir / f"{self.now}-lightning.yaml")
-        logger.info("project config saved to %s:\n%s", project, OmegaConf.to_yaml(self.config))
+        if self.print_config:
+            logger.info("project config saved to %s:\n%s", project, OmegaConf.to_yaml(self.config))
+        else:
+            logger.info("configs saved to %s (main.py --print_config prints them)", self.cfgdir)
         if self.job_marker is not None:
             self.job_marker.parent.mkdir(parents=True, exist_ok=True)
             self.job_marker.write_text(f"{self.logdir.resolve()}\n")

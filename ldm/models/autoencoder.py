@@ -223,14 +223,22 @@ class FirstStageModel(pl.LightningModule):
             aeloss, log_ae = self.compute_loss(x, xrec, reg, LossStep.GENERATOR, "train")
             self._optimizer_step(opt_ae, aeloss)
 
-        with opt_disc.toggle_model(sync_grad=False):
-            discloss, log_disc = self.compute_loss(x, xrec.detach(), reg, LossStep.DISCRIMINATOR, "train")
-            self._optimizer_step(opt_disc, discloss, parameters=self.loss.discriminator.parameters())
+        active = getattr(self.loss, "discriminator_active", None)
+        if active is None or active(self.batch_step):
+            with opt_disc.toggle_model(sync_grad=False):
+                discloss, log_disc = self.compute_loss(x, xrec.detach(), reg, LossStep.DISCRIMINATOR, "train")
+                self._optimizer_step(opt_disc, discloss, parameters=self.loss.discriminator.parameters())
+        else:  # before disc_start its loss is zero: no work, but the step counts (max_steps is in optimiser steps)
+            discloss, log_disc = torch.zeros((), device=x.device), {}
+            opt_disc.zero_grad(set_to_none=True)
+            opt_disc.step()
 
         for scheduler in self._schedulers():
             scheduler.step()
-        self.log("train/aeloss", aeloss.detach(), prog_bar=True, logger=True, on_step=True, on_epoch=True)
-        self.log("train/discloss", discloss.detach(), prog_bar=True, logger=True, on_step=True, on_epoch=True)
+        n = len(x)
+        self.log("train/aeloss", aeloss.detach(), prog_bar=True, logger=True, on_step=True, on_epoch=True, batch_size=n)
+        self.log("train/discloss", discloss.detach(), prog_bar=True, logger=True, on_step=True, on_epoch=True,
+                 batch_size=n)
         self.log_dict(log_ae, prog_bar=False, logger=True, on_step=True, on_epoch=False)
         self.log_dict(log_disc, prog_bar=False, logger=True, on_step=True, on_epoch=False)
         return aeloss.detach()
@@ -249,11 +257,11 @@ class FirstStageModel(pl.LightningModule):
         _, log_disc = self.compute_loss(x, xrec, reg, LossStep.DISCRIMINATOR, split)
         rec_loss = log_ae.pop(f"{split}/rec_loss")
         self.log(f"{split}/rec_loss", rec_loss, prog_bar=True, logger=True, on_step=False, on_epoch=True,
-                 sync_dist=True)
+                 sync_dist=True, batch_size=len(x))
         self.log(f"{split}/aeloss", aeloss, prog_bar=True, logger=True, on_step=False, on_epoch=True,
-                 sync_dist=True)
-        self.log_dict(log_ae, sync_dist=True)
-        self.log_dict(log_disc, sync_dist=True)
+                 sync_dist=True, batch_size=len(x))
+        self.log_dict(log_ae, sync_dist=True, batch_size=len(x))
+        self.log_dict(log_disc, sync_dist=True, batch_size=len(x))
         return {f"{split}/rec_loss": rec_loss, **log_ae, **log_disc}
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:

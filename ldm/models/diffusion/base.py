@@ -242,7 +242,7 @@ class DiffusionModule(pl.LightningModule):
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         loss, loss_dict = self.shared_step(batch)
-        self.log_dict(loss_dict, prog_bar=True, logger=True, on_step=True, on_epoch=True)
+        self.log_dict(loss_dict, prog_bar=True, logger=True, on_step=True, on_epoch=True, batch_size=_batch_size(batch))
         self.log("global_step", float(self.global_step), prog_bar=True, logger=True, on_step=True, on_epoch=False)
         if self.use_scheduler:
             lr = self.optimizers().param_groups[0]["lr"]
@@ -255,8 +255,9 @@ class DiffusionModule(pl.LightningModule):
         with self.ema_scope():
             _, loss_dict_ema = self.shared_step(batch)
         loss_dict_ema = {key + "_ema": value for key, value in loss_dict_ema.items()}
-        self.log_dict(loss_dict_no_ema, prog_bar=False, logger=True, on_step=False, on_epoch=True)
-        self.log_dict(loss_dict_ema, prog_bar=False, logger=True, on_step=False, on_epoch=True)
+        n = _batch_size(batch)
+        self.log_dict(loss_dict_no_ema, prog_bar=False, logger=True, on_step=False, on_epoch=True, batch_size=n)
+        self.log_dict(loss_dict_ema, prog_bar=False, logger=True, on_step=False, on_epoch=True, batch_size=n)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.use_ema:
@@ -358,3 +359,8 @@ class DiffusionModule(pl.LightningModule):
         with self.ema_scope() if use_ema else contextlib.nullcontext():
             z = sample(self, self.latent_shape(n), cond, uncond=uncond, scale=guidance_scale, options=options).samples
             return self.to_images(z)
+
+
+def _batch_size(batch: Mapping[str, Any]) -> int | None:
+    """The number of examples in a batch (the length of its first tensor), for ``self.log``'s epoch averages."""
+    return next((len(v) for v in batch.values() if isinstance(v, torch.Tensor) and v.ndim > 0), None)

@@ -7,6 +7,7 @@ Nothing is downloaded: a model is a local directory, a snapshot already in the H
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import importlib
 from pathlib import Path
@@ -75,6 +76,20 @@ def resolve_local_model(path_or_id: str | Path, required: Sequence[Sequence[str]
     return directory
 
 
+
+@contextlib.contextmanager
+def _quiet_loading() -> Any:
+    """transformers without its weight-loading progress bars (a local model loads in a moment)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
 class FrozenTextEncoder(nn.Module):
     """Base of frozen text encoders: parameters without gradients, always in eval mode."""
 
@@ -128,8 +143,9 @@ class FrozenCLIPEmbedder(FrozenTextEncoder):
         directory = resolve_local_model(version, required=(("config.json",),
                                                            ("tokenizer.json", "vocab.json")),
                                         what="CLIP text model")
-        tokenizer = CLIPTokenizer.from_pretrained(directory, local_files_only=True)
-        model = CLIPTextModel.from_pretrained(directory, local_files_only=True)
+        with _quiet_loading():
+            tokenizer = CLIPTokenizer.from_pretrained(directory, local_files_only=True)
+            model = CLIPTextModel.from_pretrained(directory, local_files_only=True)
         self._setup(tokenizer, model, max_length)
 
     @classmethod
@@ -220,8 +236,9 @@ class FrozenHFTextEmbedder(FrozenTextEncoder):
 
         directory = resolve_local_model(path_or_id, required=(("config.json",), TOKENIZER_FILES),
                                         what="text encoder")
-        self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        self.transformer = AutoModel.from_pretrained(directory, local_files_only=True)
+        with _quiet_loading():
+            self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+            self.transformer = AutoModel.from_pretrained(directory, local_files_only=True)
         self.max_length = max_length
         self.freeze()
 

@@ -74,6 +74,11 @@ class AdversarialPerceptualLoss(nn.Module):
         self.discriminator_weight = disc_weight
         self.disc_conditional = disc_conditional
 
+    def discriminator_active(self, global_step: int) -> bool:
+        """Whether the GAN terms count at `global_step`: from `disc_start` on, when `disc_factor` > 0. Before,
+        they are multiplied by zero, so the discriminator's work can be skipped."""
+        return adopt_weight(self.disc_factor, global_step, threshold=self.discriminator_iter_start) > 0.0
+
     def pixel_loss(self, inputs: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
         """Per-pixel L1, [N x C x H x W]."""
         return torch.abs(inputs - reconstructions)

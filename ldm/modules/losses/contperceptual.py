@@ -60,12 +60,15 @@ class LPIPSWithDiscriminator(AdversarialPerceptualLoss):
         kl_loss = posteriors.kl()
         kl_loss = torch.sum(kl_loss) / kl_loss.shape[0]
 
-        g_loss = self.generator_adversarial(reconstructions, cond)
-        if self.disc_factor > 0.0:
+        disc_factor = adopt_weight(self.disc_factor, global_step, threshold=self.discriminator_iter_start)
+        if self.discriminator_active(global_step) or split != "train":
+            g_loss = self.generator_adversarial(reconstructions, cond)
+        else:  # a training step before disc_start: the GAN term is zero, skip the discriminator (a fifth of a step)
+            g_loss = torch.zeros((), device=inputs.device)
+        if self.disc_factor > 0.0 and g_loss.requires_grad:
             d_weight = self.calculate_adaptive_weight(nll_loss, g_loss, last_layer)
         else:
             d_weight = torch.zeros((), device=inputs.device)
-        disc_factor = adopt_weight(self.disc_factor, global_step, threshold=self.discriminator_iter_start)
         loss = weighted_nll_loss + self.kl_weight * kl_loss + d_weight * disc_factor * g_loss
 
         log = {f"{split}/total_loss": loss.clone().detach().mean(),
