@@ -198,9 +198,9 @@ def check_fsdp_model(model: nn.Module) -> None:
         raise ConfigError(f"lightning.trainer.strategy: fsdp cannot train {name}, which steps its optimisers by "
                           f"hand; choose ddp")
     if getattr(model, "use_ema", False):
-        raise ConfigError(f"model.params.use_ema: with lightning.trainer.strategy: fsdp the UNet's parameters are "
-                          f"sharded over the ranks, and the EMA keeps a full copy that it updates from them; set "
-                          f"model.params.use_ema: false, or train with ddp")
+        raise ConfigError("model.params.use_ema: with lightning.trainer.strategy: fsdp the UNet's parameters are "
+                          "sharded over the ranks, and the EMA keeps a full copy that it updates from them; set "
+                          "model.params.use_ema: false, or train with ddp")
 
 
 class UNetFSDPStrategy(FSDPStrategy):

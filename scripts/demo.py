@@ -37,19 +37,17 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
+from ldm.checkpoint import load_checkpoint
+from ldm.data.emoji import EmojiDataset
+from ldm.evaluation.classifier import conditional_accuracy, train_classifier
+from ldm.evaluation.fid import compute_fid
+from ldm.evaluation.inception import load_extractor
+from ldm.inference import get_device, load_model, text_conditioning, to_uint8
+from ldm.known_warnings import silence_known_warnings
+from ldm.models.diffusion.sampling import SamplingOptions, sample
+from ldm.runs import project_config
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # main.py's `main.DataModuleFromConfig`, as when main.py runs
-
-from ldm.checkpoint import load_checkpoint  # noqa: E402
-from ldm.data.emoji import EmojiDataset  # noqa: E402
-from ldm.evaluation.classifier import conditional_accuracy, train_classifier  # noqa: E402
-from ldm.evaluation.fid import compute_fid  # noqa: E402
-from ldm.evaluation.inception import load_extractor  # noqa: E402
-from ldm.inference import get_device, load_model, text_conditioning, to_uint8  # noqa: E402
-from ldm.known_warnings import silence_known_warnings  # noqa: E402
-from ldm.models.diffusion.sampling import SamplingOptions, sample  # noqa: E402
-from ldm.runs import project_config  # noqa: E402
-
 logger = logging.getLogger("demo")
 
 # the loggers whose INFO lines (devices, seeds, learning-rate rule, data sizes) go to the run folders, not the screen
@@ -250,7 +248,7 @@ def summary(metrics: dict, outdir: Path, ldm_run: Path, prompt: str) -> str:
              f"  {'':10s} {'FID':>8s} {'accuracy':>9s}"]
     lines += [f"  {name:10s} {r['fid']:8.1f} {100 * r['accuracy']:8.1f}%" for name, r in metrics["results"].items()]
     lines += [f"Everything is in {shown(outdir)}/:",
-              f"  samples_grid.png   one row per prompt          metrics.json   these numbers and the timings",
+              "  samples_grid.png   one row per prompt          metrics.json   these numbers and the timings",
               f"  logs/{Path(metrics['runs']['autoencoder']).name}/   stage one (checkpoints/, configs/, images/)",
               f"  logs/{Path(metrics['runs']['ldm']).name}/   stage two (checkpoints/, configs/, images/)",
               "Next:",
