@@ -22,6 +22,7 @@ from ldm.models.diffusion.conditioning import (ConditionBuilder, batch_tensor, r
 from ldm.models.diffusion.first_stage import FirstStageCodec, freeze, mode_of
 from ldm.models.diffusion.guidance import ConditioningAtStep, Guider, make_guider
 from ldm.models.diffusion.sampling import SamplerKind, SamplingOptions, sample
+from ldm.modules.tiling import SplitInputParams
 from ldm.util import default, instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,10 @@ class LatentDiffusion(DiffusionModule):
     :param concat_mask_key: batch key of an [N x H x W x 1] mask in {0, 1} (1 = to fill) that is mapped to
         {-1, 1}, resized to the latent size and appended to the encoded concat conditioning, as the released
         inpainting model expects (scripts/inpaint.py): ``c = cat([E(masked_image), mask], 1)``.
+    :param split_input_params: patch-wise first-stage encoding and decoding (the original's dict: ``ks``,
+        ``stride``, ``vqf``, ``patch_distributed_vq``, the ``clip_*`` weights, ``tie_braker``; see
+        :class:`~ldm.modules.tiling.SplitInputParams`). It may also be assigned (or edited) later, as the original
+        notebooks do (``model.split_input_params = {...}``): it is read at every encode and decode.
     :param kwargs: the DDPM arguments (``timesteps``, ``unet_config``, ``ckpt_path``, ...).
     """
 
@@ -62,6 +67,7 @@ class LatentDiffusion(DiffusionModule):
                  ucg_rate: float = 0.0,
                  ucg_null_label: int | None = None,
                  concat_mask_key: str | None = None,
+                 split_input_params: Mapping[str, Any] | None = None,
                  **kwargs: Any) -> None:
         key = resolve_conditioning_key(conditioning_key, concat_mode, cond_stage_config)
         ckpt_path = kwargs.pop("ckpt_path", None)
@@ -87,6 +93,8 @@ class LatentDiffusion(DiffusionModule):
             self.register_buffer("scale_factor", torch.tensor(scale_factor))
         else:
             self.scale_factor = scale_factor
+        self.split_input_params = split_input_params
+        self.split_input_tiles()  # a malformed dict fails here, naming its key
         self.instantiate_first_stage(first_stage_config)
         self.instantiate_cond_stage(cond_stage_config)
         self.conditions = ConditionBuilder(cond_stage_key, self.first_stage_key, self.cond_stage_model, ucg_rate,
@@ -104,7 +112,7 @@ class LatentDiffusion(DiffusionModule):
 
     def instantiate_first_stage(self, config: Mapping[str, Any]) -> None:
         self.first_stage_model = freeze(instantiate_from_config(config))
-        self.first_stage_codec = FirstStageCodec(self.first_stage_model)
+        self.first_stage_codec = FirstStageCodec(self.first_stage_model, tiling=self.split_input_tiles)
 
     def instantiate_cond_stage(self, config: Mapping[str, Any] | str) -> None:
         special = config if isinstance(config, str) else None
@@ -145,6 +153,14 @@ class LatentDiffusion(DiffusionModule):
         logger.info("scale_by_std: set scale_factor to %.6f", float(self.scale_factor))
 
     # -- first stage ------------------------------------------------------------------------------------------
+    def split_input_tiles(self) -> SplitInputParams | None:
+        """The parsed ``split_input_params`` as they are now (None: whole-image first-stage calls).
+
+        :raises ValueError: naming the offending ``split_input_params.<key>``.
+        """
+        params = self.split_input_params
+        return None if params is None else SplitInputParams.from_config(params)
+
     def get_first_stage_encoding(self, encoder_posterior: Any) -> torch.Tensor:
         """The scaled latent ``scale_factor * z`` ([N x C x h x w]) of a first-stage encoding."""
         return self.scale_factor * self.first_stage_codec.latent(encoder_posterior)
