@@ -119,3 +119,25 @@ def test_layout2img_samples_every_layout_and_names_bad_entries(checkpoint, tmp_p
     unknown = write_layout(tmp_path / "unknown.json", [{"image_id": 1, "category": "cat", "bbox": [0, 0, 1, 1]}])
     with pytest.raises(ValueError, match=r"unknown.json: annotations\[0\] has the unknown class name 'cat'"):
         script.main([*args, "--layout", str(unknown)])
+
+
+def test_the_emoji_layout_config_builds_with_a_tokenizer_matching_its_data(tmp_path):
+    """configs/ldm/layout2img-emoji-tiny.yaml: the model's layout tokenizer reads the tokens its data set makes
+    (same vocabulary, sequence length and classes), and the conditioner takes sequences of that length."""
+    from ldm.data.emoji_layout import make_emoji_layout_set
+    cfg = OmegaConf.load(Path(__file__).parent.parent / "configs" / "ldm" / "layout2img-emoji-tiny.yaml")
+    annotations = make_emoji_layout_set(tmp_path / "set", num_images=4, size=32, objects=(1, 1), seed=0)
+    params = cfg.data.params.train.params
+    params.annotation_file, params.image_root = str(annotations), str(annotations.parent)
+    data = instantiate_from_config(cfg.data.params.train)
+    model = instantiate_from_config(cfg.model)
+    tokenizer = model.layout_tokenizer
+    assert (tokenizer.vocab_size, tokenizer.seq_len, tokenizer.num_classes) == (
+        data.tokenizer.vocab_size, data.tokenizer.seq_len, data.tokenizer.num_classes)
+    assert model.layout_class_names == data.class_names
+    item = data[0]
+    layout = tokenizer.decode(item["coordinates_bbox"])
+    assert len(layout) == 1 and tokenizer.step == 1 / 16
+    with torch.no_grad():
+        c = model.get_learned_conditioning(item["coordinates_bbox"][None])
+    assert c.shape == (1, tokenizer.seq_len, 32)
