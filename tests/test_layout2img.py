@@ -122,10 +122,10 @@ def test_layout2img_samples_every_layout_and_names_bad_entries(checkpoint, tmp_p
 
 
 def test_the_emoji_layout_config_builds_with_a_tokenizer_matching_its_data(tmp_path):
-    """configs/ldm/layout2img-emoji-tiny.yaml: the model's layout tokenizer reads the tokens its data set makes
+    """configs/layout/layout2img-emoji-tiny.yaml: the model's layout tokenizer reads the tokens its data set makes
     (same vocabulary, sequence length and classes), and the conditioner takes sequences of that length."""
     from ldm.data.emoji_layout import make_emoji_layout_set
-    cfg = OmegaConf.load(Path(__file__).parent.parent / "configs" / "ldm" / "layout2img-emoji-tiny.yaml")
+    cfg = OmegaConf.load(Path(__file__).parent.parent / "configs" / "layout" / "layout2img-emoji-tiny.yaml")
     annotations = make_emoji_layout_set(tmp_path / "set", num_images=4, size=32, objects=(1, 1), seed=0)
     params = cfg.data.params.train.params
     params.annotation_file, params.image_root = str(annotations), str(annotations.parent)
