@@ -20,7 +20,8 @@ import torch
 
 from ldm.inference import (
     add_classifier_arguments, add_sampling_arguments, class_conditioning, decode_to_uint8, ema_weights, get_device,
-    is_class_conditional, load_model, null_class, run_script, sampling_options, save_grid, save_samples, seed_everything,
+    is_class_conditional, load_model, null_class, run_script, sampling_options, save_grid, save_samples,
+    seed_everything,
 )
 from ldm.models.diffusion.classifier import load_classifier_for
 from ldm.models.diffusion.guidance import CFGGuider, ClassifierGuidance, Guider
