@@ -287,3 +287,45 @@ def class_conditioning(model: Any, labels: torch.Tensor, scale: float = 1.0) -> 
 
 def is_class_conditional(model: Any) -> bool:
     return model.conditional and model.conditions.class_conditional
+
+
+# -- patch-wise first stage (--tile) --------------------------------------------------------------------------
+TILE_LATENT_SIZE = 128  # --tile auto tiles latents larger than this, by tiles of this size every half of it
+
+
+def add_tile_argument(parser: argparse.ArgumentParser) -> None:
+    """``--tile auto|on|off``: decode (and encode) by overlapping tiles (the ``split_input_params`` mechanism)."""
+    parser.add_argument("--tile", default="auto", choices=["auto", "on", "off"],
+                        help=f"patch-wise first-stage decoding by tiles of {TILE_LATENT_SIZE} latent pixels every "
+                             f"{TILE_LATENT_SIZE // 2} (bounded memory for large images); auto: when the latent is "
+                             f"larger than {TILE_LATENT_SIZE} pixels")
+
+
+def configure_tiling(model: Any, mode: str, latent_size: Sequence[int], factor: int) -> bool:
+    """Sets ``model.split_input_params`` for `mode` (``--tile``) and an [h, w] latent; returns whether it tiles.
+
+    ``off`` removes any tiling (also one from the config); ``auto`` and ``on`` keep a config's own
+    ``split_input_params`` and otherwise tile by ``TILE_LATENT_SIZE`` latent pixels with half a tile of overlap
+    (``auto`` only when the latent is larger than that).
+    """
+    if mode == "off":
+        model.split_input_params = None
+        return False
+    if model.split_input_params is not None:
+        return True
+    if mode == "auto" and max(latent_size) <= TILE_LATENT_SIZE:
+        return False
+    model.split_input_params = {"ks": TILE_LATENT_SIZE, "stride": TILE_LATENT_SIZE // 2, "vqf": factor}
+    logger.info("decoding %dx%d latents by tiles of %d every %d (--tile %s)", *latent_size, TILE_LATENT_SIZE,
+                TILE_LATENT_SIZE // 2, mode)
+    return True
+
+
+# -- classifier guidance (--classifier) -----------------------------------------------------------------------
+def add_classifier_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--classifier CKPT --classifier_scale S``: guidance by a noisy-latent classifier (trained with main.py and
+    ``configs/classifier/``), on top of classifier-free guidance."""
+    parser.add_argument("--classifier", default=None,
+                        help="a NoisyLatentImageClassifier checkpoint: guide samples towards their classes")
+    parser.add_argument("--classifier_scale", type=float, default=1.0,
+                        help="classifier guidance scale s: eps <- eps - sigma_t * s * grad log p(y | z_t)")

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from ldm.inference import (
-    add_sampling_arguments, decode_to_uint8, downsampling_factor, ema_weights, get_device, load_image, load_model,
-    model_files, run_script, sampling_options, save_grid, save_samples, seed_everything,
+    add_sampling_arguments, add_tile_argument, configure_tiling, decode_to_uint8, downsampling_factor,
+    ema_weights, get_device, load_image, load_model, model_files, run_script, sampling_options, save_grid,
+    save_samples, seed_everything,
 )
 from ldm.models.diffusion.sampling import sample
 
@@ -25,6 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input", required=True, help="the low-resolution image")
     add_sampling_arguments(parser, outdir="outputs/superres", config="models/ldm/bsr_sr/config.yaml",
                            ckpt="models/ldm/bsr_sr/model.ckpt", steps=100, n_samples=1)
+    add_tile_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -39,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     f = downsampling_factor(model)
     seed_everything(opt.seed)
     h, w = lr.shape[-2:]
+    configure_tiling(model, opt.tile, (h, w), f)
     options = sampling_options(opt)
     images = []
     with torch.no_grad(), ema_weights(model):

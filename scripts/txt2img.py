@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from ldm.inference import (
-    add_sampling_arguments, decode_to_uint8, downsampling_factor, ema_weights, get_device, load_model, run_script,
-    sampling_options, save_grid, save_samples, seed_everything, text_conditioning,
-    model_files,
+    add_sampling_arguments, add_tile_argument, configure_tiling, decode_to_uint8, downsampling_factor,
+    ema_weights, get_device, load_model, model_files, run_script, sampling_options, save_grid, save_samples,
+    seed_everything, text_conditioning,
 )
 from ldm.models.diffusion.sampling import sample
 
@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_sampling_arguments(parser, outdir="outputs/txt2img-samples",
                            config="configs/latent-diffusion/txt2img-1p4B-eval.yaml",
                            ckpt="models/ldm/text2img-large/model.ckpt", scale=5.0)
+    add_tile_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"--H {opt.H} and --W {opt.W} must be multiples of the first stage's factor {f}")
     seed_everything(opt.seed)
     shape = (opt.n_samples, model.channels, opt.H // f, opt.W // f)
+    configure_tiling(model, opt.tile, shape[2:], f)
     options = sampling_options(opt)
     images = []
     with torch.no_grad(), ema_weights(model):

@@ -7,15 +7,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from ldm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ldm.data.emoji import EmojiDataset
+from ldm.inference import load_model
 from ldm.models.diffusion.classifier import (NoisyLatentImageClassifier, check_classifier_classes,
-                                             check_classifier_latents, load_classifier_network, log_prob_gradient,
+                                             check_classifier_latents, load_classifier_for, load_classifier_network,
                                              read_classifier_info)
+from ldm.models.diffusion.guidance import ClassifierGuidance, log_prob_gradient
+from ldm.models.diffusion.sampling import SamplingOptions, sample
 from ldm.modules.diffusionmodules.openaimodel import EncoderUNetModel
 from ldm.util import instantiate_from_config
 
@@ -216,6 +220,40 @@ def test_the_classifier_trains_through_main_and_its_checkpoint_guides(tmp_path, 
     after_z = zt + 0.5 * log_prob_gradient(net, zt, t, y)
     after = torch.softmax(net(after_z, t), 1).gather(1, y[:, None]).mean()
     assert after > before
+    check_guided_sampling(ckpt_path, ldm_ckpt, net, tmp_path)
+
+
+def check_guided_sampling(ckpt_path: Path, ldm_ckpt: Path, net: torch.nn.Module, tmp_path: Path) -> None:
+    """The trained classifier guides the LDM's sampler towards the sampled classes, from the library and from
+    scripts/sample_diffusion.py, and a model with other classes refuses it, naming the file and the entry."""
+    model = load_model(LDM_CONFIG, ldm_ckpt, "cpu")
+    guiding, _ = load_classifier_for(ckpt_path, model)
+    y = torch.arange(16) % 4
+    c = model.get_learned_conditioning({"class_label": y})
+    x_T = torch.randn(model.latent_shape(16), generator=torch.Generator().manual_seed(0))
+    zero = torch.zeros(16, dtype=torch.long)
+    probability = {}
+    for scale in (0.0, 5.0):
+        z = sample(model, x_T.shape, c, guider=ClassifierGuidance(guiding, y, scale), x_T=x_T,
+                   options=SamplingOptions(steps=10)).samples
+        with torch.no_grad():
+            probability[scale] = torch.softmax(net(z, zero), 1).gather(1, y[:, None]).mean().item()
+    assert probability[5.0] > probability[0.0] + 0.05, probability
+
+    out = tmp_path / "guided"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "scripts/sample_diffusion.py", "--config", str(LDM_CONFIG), "--ckpt",
+                           str(ldm_ckpt), "--classifier", str(ckpt_path), "--classifier_scale", "5", "--classes",
+                           "1", "--n_samples", "2", "--steps", "3", "--npz", "--outdir", str(out)],
+                          cwd=env["PYTHONPATH"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(np.load(out / "samples.npz")["arr_1"]) == [1, 1]
+
+    other = OmegaConf.load(LDM_CONFIG)
+    other.model.params.cond_stage_config.params.n_classes = 7
+    with pytest.raises(ValueError, match=f"{ckpt_path}: the classifier has 4 classes \\('classifier.num_classes'\\) "
+                                         f"but the model has 6"):
+        load_classifier_for(ckpt_path, instantiate_from_config(other.model))
 
 
 def test_the_imagenet_classifier_config_is_valid_and_builds_its_network(repo_root):

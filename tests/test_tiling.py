@@ -1,9 +1,11 @@
 """Patch-wise encode/decode (ldm.modules.tiling): the original's fold/unfold weighting, exactness, seamlessness."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.tiling import (SplitInputParams, TileWeighting, blend_tiles, border_distance, decode_tiled,
@@ -192,3 +194,97 @@ def test_split_input_params_from_the_original_notebook_and_bad_keys():
         SplitInputParams.from_config({"ks": 8, "stride": 16, "vqf": 4})
     with pytest.raises(ValueError, match="clip_min_weight/clip_max_weight must satisfy"):
         SplitInputParams.from_config({**notebook, "clip_min_weight": 0.0})
+
+
+def superres_model(split_input_params=None):
+    from omegaconf import OmegaConf
+
+    from ldm.util import instantiate_from_config
+    cfg = OmegaConf.load("tests/configs/sampling-superres.yaml").model
+    if split_input_params is not None:
+        cfg.params.split_input_params = split_input_params
+    torch.manual_seed(0)
+    return instantiate_from_config(cfg).eval()
+
+
+def count_calls(module, name):
+    calls = []
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+    setattr(module, name, counted)
+    return calls
+
+
+def test_a_config_with_split_input_params_decodes_and_encodes_by_tiles():
+    """split_input_params in a LatentDiffusion config tiles decode_first_stage (here 2 x 2 tiles without overlap:
+    each quarter is exactly that quarter decoded alone); assigning it later, as the original notebooks do, is
+    honoured at the next call, and so is removing it."""
+    model = superres_model({"ks": [8, 8], "stride": [8, 8], "vqf": 4})
+    calls = count_calls(model.first_stage_model, "decode")
+    z = smooth_latent(16, seed=3, channels=4)
+    with torch.no_grad():
+        tiled = model.decode_first_stage(z)
+        assert [tuple(s) for s in calls] == [(1, 4, 8, 8)] * 4
+        quarter = model.first_stage_model.decode(z[:, :, 8:, :8] / model.scale_factor)
+        assert torch.equal(tiled[:, :, 32:, :32], quarter)
+        model.split_input_params = None
+        calls.clear()
+        plain = model.decode_first_stage(z)
+        assert len(calls) == 1 and tiled.shape == plain.shape == (1, 3, 64, 64)
+        assert not torch.equal(tiled, plain)  # the decoder's GroupNorm sees each tile alone
+        model.split_input_params = {"ks": 32, "stride": 32, "vqf": 4}  # tiles of 32 image pixels to encode
+        x = smooth_latent(64, seed=4, channels=3).clamp(-1, 1)
+        encoded = model.encode_first_stage(x)
+        corner = model.first_stage_model.encode(x[:, :, 32:, 32:])
+        assert torch.equal(encoded.mode()[:, :, 8:, 8:], corner.mode())
+        assert torch.equal(encoded.logvar[:, :, 8:, 8:], corner.logvar)
+        model.split_input_params["patch_distributed_vq"] = False  # edited in place: the first stage runs whole
+        calls.clear()
+        assert torch.equal(model.decode_first_stage(z), plain) and len(calls) == 1
+
+
+def test_a_malformed_split_input_params_fails_at_construction_naming_the_key():
+    with pytest.raises(ValueError, match="split_input_params.vqf is required"):
+        superres_model({"ks": 8, "stride": 8})
+
+
+def test_configure_tiling_modes():
+    from ldm.inference import TILE_LATENT_SIZE, configure_tiling
+    model = superres_model()
+    small, large = (TILE_LATENT_SIZE, TILE_LATENT_SIZE), (TILE_LATENT_SIZE + 8, 64)
+    assert not configure_tiling(model, "auto", small, 4) and model.split_input_params is None
+    assert configure_tiling(model, "auto", large, 4)
+    assert model.split_input_tiles() == SplitInputParams((TILE_LATENT_SIZE,) * 2, (TILE_LATENT_SIZE // 2,) * 2, 4)
+    assert not configure_tiling(model, "off", large, 4) and model.split_input_params is None
+    assert configure_tiling(model, "on", small, 4) and model.split_input_params is not None
+    own = superres_model({"ks": 16, "stride": 8, "vqf": 4})  # a config's own tiling is kept
+    assert configure_tiling(own, "auto", small, 4) and own.split_input_tiles().ks == (16, 16)
+
+
+def test_superres_script_tiles_above_the_threshold_and_not_with_tile_off(tmp_path, monkeypatch):
+    """scripts/superres.py --tile auto decodes by tiles once the latent is larger than the threshold (lowered
+    here to 4 latent pixels): the first stage decodes each tile, and the result differs from --tile off."""
+    import ldm.inference
+    import ldm.models.diffusion.first_stage as first_stage
+    from tests.test_scripts_sampling import load_script, make_model, write_image
+    config, ckpt = make_model("superres", tmp_path)
+    lr = tmp_path / "lr.png"
+    write_image(lr, size=(12, 8))
+    monkeypatch.setattr(ldm.inference, "TILE_LATENT_SIZE", 4)
+    tiled_calls = []
+    decode_tiled_ = first_stage.decode_tiled
+    monkeypatch.setattr(first_stage, "decode_tiled", lambda *a, **k: tiled_calls.append(a[1].shape) or
+                        decode_tiled_(*a, **k))
+    script = load_script("superres")
+    outputs = {}
+    for mode in ("auto", "off"):
+        out = tmp_path / mode
+        script.main(["--config", str(config), "--ckpt", str(ckpt), "--input", str(lr), "--outdir", str(out),
+                     "--steps", "2", "--tile", mode])
+        outputs[mode] = np.asarray(Image.open(out / "samples" / "00000.png"))
+    assert [tuple(s[-2:]) for s in tiled_calls] == [(8, 12)]  # the one decode of the run, by tiles
+    assert outputs["auto"].shape == outputs["off"].shape == (32, 48, 3)
+    assert not np.array_equal(outputs["auto"], outputs["off"])

@@ -8,8 +8,9 @@ schedule are used and kept; its UNet, EMA and conditioner are dropped after load
 classifier network (``model.*``) and, under ``checkpoint["classifier"]``, its classes, its network config and the
 LDM it was trained on (see :func:`read_classifier_info`), so that guidance can load the network alone
 (:func:`load_classifier_network`) and refuse a classifier whose classes differ from the model's
-(:func:`check_classifier_classes`, :func:`check_classifier_latents`). :func:`log_prob_gradient` is the guidance
-term.
+(:func:`check_classifier_classes`, :func:`check_classifier_latents`). The guidance itself is
+:class:`~ldm.models.diffusion.guidance.ClassifierGuidance` (:func:`load_classifier_guidance` builds it from a
+checkpoint for a model).
 """
 from __future__ import annotations
 
@@ -41,28 +42,6 @@ CHECKPOINT_KEY = "classifier"
 NETWORK_TARGET = "ldm.modules.diffusionmodules.openaimodel.EncoderUNetModel"
 # what the classifier needs of the diffusion model: the first stage and the noise schedule
 _USED_PREFIXES = ("first_stage_model.", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
-
-
-def log_prob_gradient(classifier: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The classifier-guidance term: the gradient of log p(y | x_t, t) with respect to x_t, per example.
-
-    Works inside ``torch.no_grad()`` and ``torch.inference_mode()`` (as samplers run). The classifier must
-    treat examples independently (no batch norm), so the gradient of the summed log-probabilities is each
-    example's own gradient.
-
-    :param classifier: ``(x [N x C x H x W], t [N]) -> logits [N x K]``.
-    :param x: an [N x C x H x W] Tensor of noisy latents.
-    :param t: an [N] Tensor of diffusion steps.
-    :param y: an [N] long Tensor of target classes.
-    :return: an [N x C x H x W] Tensor (dtype of `x`).
-    """
-    with torch.inference_mode(False), torch.enable_grad():
-        x_in = x.detach().clone().requires_grad_(True)
-        logits = classifier(x_in, t.clone())
-        log_probs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-        selected = log_probs.gather(1, y.to(logits.device).long().reshape(-1, 1))
-        (grad,) = torch.autograd.grad(selected.sum(), x_in)
-    return grad.to(x.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +112,29 @@ def load_classifier_network(path: str | Path, map_location: Any = "cpu") -> tupl
     weights = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     load_weights(net, weights, strict=True, source=path)
     return freeze(net), info
+
+
+def load_classifier_for(path: str | Path, model: Any, map_location: Any = "cpu") -> tuple[nn.Module, ClassifierInfo]:
+    """The classifier network of checkpoint `path` for guiding the latent diffusion `model`, checked against it.
+
+    Its latents must be the model's (channels, number of steps, scale factor) and, when the model is
+    class-conditional, its classes the model's real classes (``n_classes``, or ``n_classes - 1`` when the last
+    class is the null class of classifier-free guidance); an unconditional model may be guided by any classifier
+    of its latents.
+
+    :return: ``(net, info)`` as :func:`load_classifier_network`.
+    :raises ValueError: naming `path` and the checkpoint entry that does not fit.
+    """
+    net, info = load_classifier_network(path, map_location)
+    check_classifier_latents(info, path, int(model.channels), int(model.num_timesteps),
+                             float(getattr(model, "scale_factor", 1.0)))
+    conditions = getattr(model, "conditions", None)
+    n_classes = getattr(getattr(model, "cond_stage_model", None), "n_classes", None)
+    if conditions is not None and conditions.class_conditional and n_classes is not None:
+        n_classes = int(n_classes)
+        with_null = conditions.null_label == n_classes - 1 and info.num_classes != n_classes
+        check_classifier_classes(info, path, n_classes - 1 if with_null else n_classes)
+    return net, info
 
 
 def _config_from(diffusion_config: str | Path | Mapping[str, Any] | None,

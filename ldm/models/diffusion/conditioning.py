@@ -12,10 +12,11 @@ guidance and builds the null condition (the conditioners themselves only encode)
 
 Conditioning dropout (the rule): with probability ``rate`` per example, the *raw* conditioning input is
 replaced by its null input before it is encoded: a caption by the empty string, a class label by the null class
-(``null_label``, by default ``n_classes - 1`` of the class embedder), and any other tensor (spatial maps,
-precomputed embeddings) by zeros. Sampling builds the unconditional conditioning from the same null input, so
-training and guidance agree. One rate applies: the model's ``ucg_rate``, or a class embedder's own ``ucg_rate``
-(SD2-style configs), never both.
+(``null_label``, by default ``n_classes - 1`` of the class embedder), a bounding-box layout (``coordinates_bbox``
+tokens) by the empty layout of the model's ``LayoutTokenizer`` (no objects, the whole image), and any other
+tensor (spatial maps, precomputed embeddings) by zeros. Sampling builds the unconditional conditioning from the
+same null input, so training and guidance agree. One rate applies: the model's ``ucg_rate``, or a class embedder's
+own ``ucg_rate`` (SD2-style configs), never both.
 """
 from __future__ import annotations
 
@@ -26,12 +27,14 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from ldm.data.layout import LayoutTokenizer
 from ldm.util import ConfigError, instantiate_from_config, parse_enum
 
 logger = logging.getLogger(__name__)
 
 # Conditioning keys whose batch values are passed to the conditioner as they are (not as images).
-RAW_COND_KEYS = ("caption", "txt", "coordinates_bbox")
+LAYOUT_COND_KEY = "coordinates_bbox"
+RAW_COND_KEYS = ("caption", "txt", LAYOUT_COND_KEY)
 TEXT_COND_KEYS = ("caption", "txt")
 
 
@@ -184,10 +187,17 @@ class ConditionBuilder:
     :param ucg_rate: dropout probability per example; :param null_label: the null class (default
         ``n_classes - 1`` of a class embedder).
     :param concat_mask_key: batch key of an [N x H x W x 1] mask in {0, 1} appended to the encoded condition.
+    :param layout_tokenizer: the tokenizer of ``coordinates_bbox`` layouts, whose empty layout is their null
+        condition (required with that key).
     """
 
     def __init__(self, cond_stage_key: str, first_stage_key: str, conditioner: nn.Module | None = None,
-                 ucg_rate: float = 0.0, null_label: int | None = None, concat_mask_key: str | None = None) -> None:
+                 ucg_rate: float = 0.0, null_label: int | None = None, concat_mask_key: str | None = None,
+                 layout_tokenizer: LayoutTokenizer | None = None) -> None:
+        if cond_stage_key == LAYOUT_COND_KEY and layout_tokenizer is None:
+            raise ValueError(f"cond_stage_key '{LAYOUT_COND_KEY}' needs the layout tokenizer (its empty layout is "
+                             f"the null condition)")
+        self.layout_tokenizer = layout_tokenizer if cond_stage_key == LAYOUT_COND_KEY else None
         own_rate = float(getattr(conditioner, "ucg_rate", 0.0) or 0.0)
         if own_rate > 0 and ucg_rate > 0:
             raise ConfigError(f"conditioning dropout is set twice: ucg_rate={ucg_rate} and cond_stage_config."
@@ -225,11 +235,16 @@ class ConditionBuilder:
             return xc
         n = len(xc[self.label_key]) if isinstance(xc, Mapping) else len(xc)
         drop = torch.rand(n, device=device) < self.ucg_rate
+        if self.layout_tokenizer is not None:
+            tokens = torch.as_tensor(xc)
+            return torch.where(drop.to(tokens.device)[:, None], self.null(n, device=tokens.device), tokens)
         return drop_conditioning(xc, drop, self.null_label, self.label_key)
 
     def null(self, n: int, like: Any = None, device: torch.device | None = None) -> Any:
         """The raw null condition of `n` examples, shaped like the raw condition `like` (needed for spatial
-        conditions; class labels and captions need none)."""
+        conditions; class labels, captions and layouts need none)."""
+        if self.layout_tokenizer is not None:
+            return self.layout_tokenizer.null(n).to(device)
         if like is None:
             if self.class_conditional:
                 like = {self.label_key: torch.zeros(n, dtype=torch.long, device=device)}

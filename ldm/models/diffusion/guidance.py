@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, Protocol
 
 import torch
+import torch.nn.functional as F
 
 from ldm.models.diffusion.parameterization import NoisyInput, Parameterization, Prediction
 
@@ -137,6 +138,62 @@ class ScoreCorrection(GuidanceTerm):
     def correct(self, pred: Prediction, inp: NoisyInput, cond: Conditioning) -> Prediction:
         eps = self.corrector.modify_score(self.model, pred.eps, inp.x, inp.t, cond, **self.kwargs)
         return Prediction.from_eps(eps, inp)
+
+
+def log_prob_gradient(classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
+                      t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The classifier-guidance term: the gradient of log p(y | x_t, t) with respect to x_t, per example.
+
+    Works inside ``torch.no_grad()`` and ``torch.inference_mode()`` (as samplers run). The classifier must
+    treat examples independently (no batch norm), so the gradient of the summed log-probabilities is each
+    example's own gradient.
+
+    :param classifier: ``(x [N x C x H x W], t [N]) -> logits [N x K]``.
+    :param x: an [N x C x H x W] Tensor of noisy latents.
+    :param t: an [N] Tensor of diffusion steps.
+    :param y: an [N] long Tensor of target classes.
+    :return: an [N x C x H x W] Tensor (dtype of `x`).
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        x_in = x.detach().clone().requires_grad_(True)
+        logits = classifier(x_in, t.clone())
+        log_probs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        selected = log_probs.gather(1, y.to(logits.device).long().reshape(-1, 1))
+        (grad,) = torch.autograd.grad(selected.sum(), x_in)
+    return grad.to(x.dtype)
+
+
+class ClassifierGuidance(GuidanceTerm):
+    """Classifier guidance (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs", Alg. 1 and 2) on top of an inner
+    guider (classifier-free guidance by default): the gradient g of a noisy classifier's log p(y | x_t, t) shifts
+    the noise prediction, ``eps <- eps - sigma_t * scale * g``, and so the predicted clean sample,
+    ``x0 <- x0 + sigma_t^2 / alpha_t * scale * g`` (both fields of the :class:`Prediction` move together).
+
+    Every sampler takes its step from this one prediction: DDIM as in Alg. 2; the ancestral DDPM step's mean moves
+    by ``beta_t / sqrt(1 - beta_t) * scale * g``, Alg. 1's ``Sigma * scale * g`` to first order; the sigma-space
+    samplers see the shifted x0 (the classifier gets x_t = alpha * x_sigma and the continuous timestep). With
+    ``scale == 0`` the prediction is the inner one exactly.
+
+    :param classifier: ``(x_t [N x C x h x w], t [N]) -> logits [N x K]``, treating examples independently.
+    :param labels: an [N] long Tensor of target classes, one per sample.
+    :param scale: the guidance scale s (the paper's classifier scale).
+    """
+
+    uses_grad = True
+
+    def __init__(self, classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], labels: torch.Tensor,
+                 scale: float, inner: Guider | None = None) -> None:
+        super().__init__(inner)
+        self.classifier, self.labels, self.scale = classifier, labels.long().reshape(-1), float(scale)
+
+    def correct(self, pred: Prediction, inp: NoisyInput, cond: Conditioning) -> Prediction:
+        if self.labels.shape[0] != inp.x.shape[0]:
+            raise ValueError(f"classifier guidance has {self.labels.shape[0]} labels for a batch of {inp.x.shape[0]}")
+        step = self.scale * inp.sigma * log_prob_gradient(self.classifier, inp.x, inp.t, self.labels.to(inp.x.device))
+        return Prediction(pred.x0 + inp.sigma / inp.alpha * step, pred.eps - step)
+
+    def __repr__(self) -> str:
+        return f"ClassifierGuidance(scale={self.scale}, inner={self.inner!r})"
 
 
 class ConditioningAtStep:

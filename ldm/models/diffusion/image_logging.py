@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid
 
+from ldm.data.layout import LayoutTokenizer
+from ldm.data.layout_draw import draw_layouts
 from ldm.models.diffusion.conditioning import is_text
 
 
@@ -77,6 +79,15 @@ def conditioning_images(xc: Any, c: Any, size: tuple[int, int],
     if isinstance(xc, torch.Tensor) and xc.ndim == 4:
         return {"conditioning": xc} if xc.shape[1] == 3 else {"original_conditioning": to_rgb(xc)}
     return {}
+
+
+def layout_images(tokens: torch.Tensor, tokenizer: LayoutTokenizer, size: tuple[int, int],
+                  class_names: Sequence[str] | None = None, images: torch.Tensor | None = None) -> torch.Tensor:
+    """Layouts ([N x seq_len] ``coordinates_bbox`` tokens) drawn as boxes with class names: on white canvases of
+    `size`, or on [N x 3 x H x W] `images`; an [N x 3 x H x W] Tensor in [-1, 1] on the device of `images`."""
+    layouts = tokenizer.decode(torch.as_tensor(tokens).cpu())
+    drawn = draw_layouts(layouts, None if images is None else images.cpu(), size, class_names)
+    return drawn if images is None else drawn.to(images)
 
 
 def inpainting_masks(n: int, h: int, w: int, device: torch.device) -> dict[str, torch.Tensor]:

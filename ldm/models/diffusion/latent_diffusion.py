@@ -14,14 +14,17 @@ import torch
 from torch import nn
 
 from ldm.data import latent_cache
+from ldm.data.layout import LayoutTokenizer
+from ldm.data.layout_json import read_class_names
 from ldm.distributed import broadcast_, global_mean_std, is_distributed
 from ldm.models.diffusion import image_logging
 from ldm.models.diffusion.base import DiffusionModule
-from ldm.models.diffusion.conditioning import (ConditionBuilder, batch_tensor, resolve_conditioning_key,
-                                               slice_cond)
+from ldm.models.diffusion.conditioning import (LAYOUT_COND_KEY, ConditionBuilder, batch_tensor,
+                                               resolve_conditioning_key, slice_cond)
 from ldm.models.diffusion.first_stage import FirstStageCodec, freeze, mode_of
 from ldm.models.diffusion.guidance import ConditioningAtStep, Guider, make_guider
 from ldm.models.diffusion.sampling import SamplerKind, SamplingOptions, sample
+from ldm.modules.tiling import SplitInputParams
 from ldm.util import default, instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -45,6 +48,15 @@ class LatentDiffusion(DiffusionModule):
     :param concat_mask_key: batch key of an [N x H x W x 1] mask in {0, 1} (1 = to fill) that is mapped to
         {-1, 1}, resized to the latent size and appended to the encoded concat conditioning, as the released
         inpainting model expects (scripts/inpaint.py): ``c = cat([E(masked_image), mask], 1)``.
+    :param split_input_params: patch-wise first-stage encoding and decoding (the original's dict: ``ks``,
+        ``stride``, ``vqf``, ``patch_distributed_vq``, the ``clip_*`` weights, ``tie_braker``; see
+        :class:`~ldm.modules.tiling.SplitInputParams`). It may also be assigned (or edited) later, as the original
+        notebooks do (``model.split_input_params = {...}``): it is read at every encode and decode.
+    :param layout_tokenizer: for ``cond_stage_key: coordinates_bbox``: the :class:`~ldm.data.layout.LayoutTokenizer`
+        arguments of the data (``num_classes``, ``vocab_size``, ``max_objects``, ``encode_crop``,
+        ``use_group_flag``) and optionally ``class_names`` (a list or a text file), used for the null layout of
+        guidance and dropout and to draw layouts in ``log_images``. Default (as the zoo configs): read from the
+        conditioner's ``vocab_size`` and ``max_seq_len``, with class ids drawn as numbers.
     :param kwargs: the DDPM arguments (``timesteps``, ``unet_config``, ``ckpt_path``, ...).
     """
 
@@ -62,6 +74,8 @@ class LatentDiffusion(DiffusionModule):
                  ucg_rate: float = 0.0,
                  ucg_null_label: int | None = None,
                  concat_mask_key: str | None = None,
+                 split_input_params: Mapping[str, Any] | None = None,
+                 layout_tokenizer: Mapping[str, Any] | None = None,
                  **kwargs: Any) -> None:
         key = resolve_conditioning_key(conditioning_key, concat_mode, cond_stage_config)
         ckpt_path = kwargs.pop("ckpt_path", None)
@@ -87,10 +101,14 @@ class LatentDiffusion(DiffusionModule):
             self.register_buffer("scale_factor", torch.tensor(scale_factor))
         else:
             self.scale_factor = scale_factor
+        self.split_input_params = split_input_params
+        self.split_input_tiles()  # a malformed dict fails here, naming its key
         self.instantiate_first_stage(first_stage_config)
         self.instantiate_cond_stage(cond_stage_config)
+        self.layout_tokenizer, self.layout_class_names = layout_tokenizer_of(cond_stage_key, layout_tokenizer,
+                                                                             cond_stage_config)
         self.conditions = ConditionBuilder(cond_stage_key, self.first_stage_key, self.cond_stage_model, ucg_rate,
-                                           ucg_null_label, concat_mask_key)
+                                           ucg_null_label, concat_mask_key, self.layout_tokenizer)
         self.clip_denoised = False
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys, only_model=load_only_unet)
@@ -104,7 +122,7 @@ class LatentDiffusion(DiffusionModule):
 
     def instantiate_first_stage(self, config: Mapping[str, Any]) -> None:
         self.first_stage_model = freeze(instantiate_from_config(config))
-        self.first_stage_codec = FirstStageCodec(self.first_stage_model)
+        self.first_stage_codec = FirstStageCodec(self.first_stage_model, tiling=self.split_input_tiles)
 
     def instantiate_cond_stage(self, config: Mapping[str, Any] | str) -> None:
         special = config if isinstance(config, str) else None
@@ -145,6 +163,14 @@ class LatentDiffusion(DiffusionModule):
         logger.info("scale_by_std: set scale_factor to %.6f", float(self.scale_factor))
 
     # -- first stage ------------------------------------------------------------------------------------------
+    def split_input_tiles(self) -> SplitInputParams | None:
+        """The parsed ``split_input_params`` as they are now (None: whole-image first-stage calls).
+
+        :raises ValueError: naming the offending ``split_input_params.<key>``.
+        """
+        params = self.split_input_params
+        return None if params is None else SplitInputParams.from_config(params)
+
     def get_first_stage_encoding(self, encoder_posterior: Any) -> torch.Tensor:
         """The scaled latent ``scale_factor * z`` ([N x C x h x w]) of a first-stage encoding."""
         return self.scale_factor * self.first_stage_codec.latent(encoder_posterior)
@@ -401,6 +427,9 @@ class LatentDiffusion(DiffusionModule):
         log: dict[str, torch.Tensor] = {"inputs": x, "reconstruction": xrec}
         if self.conditional:
             log.update(image_logging.conditioning_images(xc, c, (x.shape[2], x.shape[3]), self.conditioning_decoder()))
+        if self.layout_tokenizer is not None:
+            log["conditioning"] = image_logging.layout_images(xc[:N], self.layout_tokenizer, (x.shape[2], x.shape[3]),
+                                                              self.layout_class_names).to(x)
         if plot_diffusion_rows:
             row = image_logging.diffusion_row(self.q_sample, z[:n_row], self.num_timesteps, self.log_every_t)
             log["diffusion_row"] = image_logging.rows_grid([self.decode_first_stage(zt) for zt in row])
@@ -409,6 +438,10 @@ class LatentDiffusion(DiffusionModule):
             with self.ema_scope("Plotting"):
                 samples, z_denoise_row = self.sample_log(c, N, **ddim)
             log["samples"] = self.decode_first_stage(samples)
+            if self.layout_tokenizer is not None:  # the layout drawn over the samples it conditioned
+                log["samples_layout"] = image_logging.layout_images(
+                    xc[:N], self.layout_tokenizer, (x.shape[2], x.shape[3]), self.layout_class_names,
+                    images=log["samples"])
             if plot_denoise_rows:
                 log["denoise_row"] = image_logging.intermediates_grid(z_denoise_row, self.decode_first_stage)
             variants = {}
@@ -439,6 +472,36 @@ class LatentDiffusion(DiffusionModule):
             return None
         drop_mask = self.conditions.concat_mask_key is not None
         return lambda c: self.cond_stage_model.decode(c[:, :-1] if drop_mask else c)
+
+
+def layout_tokenizer_of(cond_stage_key: str, spec: Mapping[str, Any] | None,
+                        cond_stage_config: Mapping[str, Any] | str) -> tuple[LayoutTokenizer | None, list[str] | None]:
+    """The layout tokenizer and class names of a ``coordinates_bbox`` model (see LatentDiffusion's
+    ``layout_tokenizer``); (None, None) for other conditionings."""
+    if cond_stage_key != LAYOUT_COND_KEY:
+        if spec is not None:
+            raise ValueError(f"layout_tokenizer is given but cond_stage_key is '{cond_stage_key}', not "
+                             f"'{LAYOUT_COND_KEY}'")
+        return None, None
+    if spec is not None:
+        params = dict(spec)
+        names = read_class_names(params.pop("class_names", None))
+        try:
+            tokenizer = LayoutTokenizer(**params)
+        except TypeError as e:
+            raise ValueError(f"layout_tokenizer: {e}") from None
+        if names is not None and len(names) != tokenizer.num_classes:
+            raise ValueError(f"layout_tokenizer.class_names has {len(names)} names for num_classes="
+                             f"{tokenizer.num_classes}")
+        return tokenizer, names
+    params = {} if isinstance(cond_stage_config, str) else dict(cond_stage_config.get("params") or {})
+    if "vocab_size" not in params or "max_seq_len" not in params:
+        raise ValueError(f"cond_stage_key '{LAYOUT_COND_KEY}': set layout_tokenizer (num_classes, vocab_size, "
+                         f"max_objects, ...) or use a conditioner with vocab_size and max_seq_len")
+    vocab, seq_len = int(params["vocab_size"]), int(params["max_seq_len"])
+    # the classes are unknown here: every non-padding token below the grid may be a class id, drawn as a number
+    return LayoutTokenizer(vocab - 1, vocab_size=vocab, max_objects=seq_len // 3, encode_crop=seq_len % 3 == 2,
+                           use_group_flag=False), None
 
 
 def _legacy_callback(callback: Callable[[int], None] | None,
