@@ -171,7 +171,7 @@ def test_run_argument_names_the_model_files(tmp_path):
 
 def test_sampling_script_with_a_folder_that_is_not_a_run(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "txt2img.py"), "--run", str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and f"error: {tmp_path} is not a main.py run folder" in proc.stderr
     assert "Traceback" not in proc.stderr
 
