@@ -206,6 +206,24 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, outdir: str, config:
     parser.add_argument("--device", default=None, help="device (default: cuda, else mps, else cpu)")
 
 
+def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--lora FILE [--lora_scale S]`` of the scripts that apply LoRA adapters (see :func:`apply_lora`)."""
+    parser.add_argument("--lora", default=None, help="LoRA adapter file (.safetensors) to merge into the model")
+    parser.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA (0: none, 1: as trained)")
+
+
+def apply_lora(model: torch.nn.Module, opt: argparse.Namespace) -> torch.nn.Module:
+    """Merges ``opt.lora`` (if given) into `model` and its EMA weights at ``opt.lora_scale``.
+
+    :raises LoraMismatchError: naming the file and the keys when it was made for another architecture.
+    """
+    if opt.lora is None:
+        return model
+    from ldm.finetune.lora import load_lora_for_sampling
+
+    return load_lora_for_sampling(model, opt.lora, scale=opt.lora_scale)
+
+
 def sampling_options(opt: argparse.Namespace) -> SamplingOptions:
     """The :class:`SamplingOptions` of the arguments of :func:`add_sampling_arguments`."""
     return SamplingOptions(sampler=opt.sampler, steps=opt.ddim_steps, eta=opt.ddim_eta,

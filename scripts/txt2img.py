@@ -17,6 +17,7 @@ from ldm.inference import (
     add_sampling_arguments, decode_to_uint8, downsampling_factor, ema_weights, get_device, load_model, run_script,
     sampling_options, save_grid, save_samples, seed_everything, text_conditioning,
 )
+from ldm.inference import add_lora_arguments, apply_lora
 from ldm.models.diffusion.sampling import sample
 
 
@@ -45,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_sampling_arguments(parser, outdir="outputs/txt2img-samples",
                            config="configs/latent-diffusion/txt2img-1p4B-eval.yaml",
                            ckpt="models/ldm/text2img-large/model.ckpt", scale=5.0)
+    add_lora_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     prompts = read_prompts(opt)
     device = get_device(opt.device)
     model = load_model(opt.config, opt.ckpt, device)
+    apply_lora(model, opt)
     f = downsampling_factor(model)
     if opt.H % f or opt.W % f:
         raise ValueError(f"--H {opt.H} and --W {opt.W} must be multiples of the first stage's factor {f}")
