@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm.checkpoint import load_state_dict
+from ldm.checkpoint import CheckpointError, load_state_dict
 from ldm.data.base import UnusableImage, open_image, to_model_image
 from ldm.models.autoencoder import allow_missing_checkpoints
 from ldm.models.diffusion.guidance import Conditioning
@@ -234,7 +234,7 @@ def run_script(main: Callable[[], None]) -> None:
     """Runs a script's `main`, turning bad input (missing files, bad values) into a one-line error and exit 2."""
     try:
         main()
-    except (FileNotFoundError, ValueError, ConfigError) as e:
+    except (FileNotFoundError, ValueError, ConfigError, CheckpointError) as e:
         sys.stderr.write(f"error: {e}\n")
         raise SystemExit(2) from None
 
