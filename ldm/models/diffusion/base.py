@@ -153,6 +153,8 @@ class DiffusionModule(pl.LightningModule):
         from the resulting weights and adds the post-hoc EMA profiles; without these sections nothing changes."""
         if self.recipe.active:
             self.warm_start_report = self.recipe.apply(self)
+            if self.warm_start_report is not None:
+                self.restarted_from_ckpt = True  # e.g. keep the checkpoint's scale_factor
             self.check_recipe()
             if self.use_ema:
                 self.build_ema()
