@@ -112,7 +112,7 @@ class DiffusionModule(pl.LightningModule):
         self.use_ema = use_ema
         self.ema_decay, self.ema_schedule, self.ema_config = ema_decay, ema_schedule, ema_config
         if use_ema:
-            self.build_ema()
+            self.create_ema()
         self.recipe = FinetuneRecipe.from_config(warm_start, lora, finetune)
         self.posthoc_ema_config = None if posthoc_ema is None else PosthocEMAConfig.from_config(posthoc_ema)
         self.use_scheduler = scheduler_config is not None
@@ -143,7 +143,7 @@ class DiffusionModule(pl.LightningModule):
     #: :meth:`setup_finetuning` at the end of its own ``__init__``
     finishes_setup_in_subclass = False
 
-    def build_ema(self) -> None:
+    def create_ema(self) -> None:
         """(Re)creates the EMA of the network's trainable parameters from their current values."""
         self.model_ema = build_ema(self.ema_config, self.model, self.ema_decay, self.ema_schedule)
         logger.info("keeping EMAs of %d tensors", len(list(self.model_ema.buffers())))
@@ -157,7 +157,7 @@ class DiffusionModule(pl.LightningModule):
                 self.restarted_from_ckpt = True  # e.g. keep the checkpoint's scale_factor
             self.check_recipe()
             if self.use_ema:
-                self.build_ema()
+                self.create_ema()
         if self.posthoc_ema_config is not None:
             self.posthoc_ema = PowerFunctionEMA(self.model, self.posthoc_ema_config.sigma_rels)
 
