@@ -55,6 +55,10 @@ class DiffusionModule(pl.LightningModule):
     The other arguments are the original DDPM's; see the README of configs/ldm.
     """
 
+    #: a subclass that builds more parts after ``DiffusionModule.__init__`` (the conditioner) sets this and calls
+    #: :meth:`setup_finetuning` at the end of its own ``__init__``
+    finishes_setup_in_subclass = False
+
     def __init__(self,
                  unet_config: Mapping[str, Any],
                  timesteps: int = 1000,
@@ -139,10 +143,6 @@ class DiffusionModule(pl.LightningModule):
         if not self.finishes_setup_in_subclass:
             self.setup_finetuning()
 
-    #: a subclass that builds more parts after ``DiffusionModule.__init__`` (the conditioner) sets this and calls
-    #: :meth:`setup_finetuning` at the end of its own ``__init__``
-    finishes_setup_in_subclass = False
-
     def create_ema(self) -> None:
         """(Re)creates the EMA of the network's trainable parameters from their current values."""
         self.model_ema = build_ema(self.ema_config, self.model, self.ema_decay, self.ema_schedule)
@@ -163,6 +163,7 @@ class DiffusionModule(pl.LightningModule):
 
     def check_recipe(self) -> None:
         """Refuses fine-tuning settings the model cannot train (subclasses add their checks)."""
+
     # -- schedule ------------------------------------------------------------------------------------------
     def register_schedule(self, given_betas: Sequence[float] | None = None, beta_schedule: str = "linear",
                           timesteps: int = 1000, linear_start: float = 1e-4, linear_end: float = 2e-2,
