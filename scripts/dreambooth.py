@@ -56,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--outdir", default="outputs/dreambooth")
     p.add_argument("--instances", type=int, default=5, help="renders of the subject to fine-tune on")
     p.add_argument("--prior-per-prompt", type=int, default=8, help="prior-preservation samples per trained prompt")
+    p.add_argument("--new-data", action="store_true", help="write <outdir>/data again even if it exists")
     p.add_argument("--train-steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate (not scaled by the batch size)")
@@ -149,7 +150,14 @@ def finetune_config(config: Path, ckpt: Path, data: Path, args: argparse.Namespa
                                                                      "seed": 0}})
     cfg.lightning = {"trainer": {"max_steps": args.train_steps, "val_check_interval": args.train_steps,
                                  "check_val_every_n_epoch": None, "limit_val_batches": 1, "num_sanity_val_steps": 0,
-                                 "log_every_n_steps": 25, "enable_model_summary": False}}
+                                 "log_every_n_steps": 25, "enable_model_summary": False},
+                     "callbacks": {"image_logger": {  # one small grid at the end (the measurement samples later)
+                         "target": "main.ImageLogger",
+                         "params": {"batch_frequency": args.train_steps, "max_images": 8, "increase_log_steps": False,
+                                    "log_images_kwargs": {"N": 8, "ddim_steps": 10, "inpaint": False,
+                                                          "plot_progressive_rows": False,
+                                                          "plot_diffusion_rows": False,
+                                                          "quantize_denoised": False}}}}}
     path = Path(args.outdir) / "finetune.yaml"
     OmegaConf.save(cfg, path)
     return path
@@ -200,9 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     token = args.token or choose_token(base, prompts)
     logger.info("identifier %r for %s", token, args.subject)
 
-    instances = subject_renders(config, args.subject, "train", args.instances)
-    priors = sample_prompts(base, prompts, args.prior_per_prompt, args, seed=args.seed)
-    write_data(outdir / "data", token, instances, priors, prompts, args.prior_per_prompt)
+    if (outdir / "data" / "train.jsonl").is_file() and not args.new_data:
+        logger.info("reusing the instance and prior images in %s (--new-data writes them again)", outdir / "data")
+    else:
+        instances = subject_renders(config, args.subject, "train", args.instances)
+        priors = sample_prompts(base, prompts, args.prior_per_prompt, args, seed=args.seed)
+        write_data(outdir / "data", token, instances, priors, prompts, args.prior_per_prompt)
     timings["data_s"] = round(time.time() - t0, 1)
 
     t1 = time.time()
