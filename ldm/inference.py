@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm.checkpoint import load_state_dict
+from ldm.checkpoint import CheckpointError, load_state_dict
 from ldm.data.base import UnusableImage, open_image, to_model_image
 from ldm.models.autoencoder import allow_missing_checkpoints
 from ldm.models.diffusion.guidance import Conditioning
@@ -241,6 +241,24 @@ def model_files(opt: argparse.Namespace) -> tuple[Path, Path]:
     return Path(opt.config), Path(opt.ckpt)
 
 
+def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--lora FILE [--lora_scale S]`` of the scripts that apply LoRA adapters (see :func:`apply_lora`)."""
+    parser.add_argument("--lora", default=None, help="LoRA adapter file (.safetensors) to merge into the model")
+    parser.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA (0: none, 1: as trained)")
+
+
+def apply_lora(model: torch.nn.Module, opt: argparse.Namespace) -> torch.nn.Module:
+    """Merges ``opt.lora`` (if given) into `model` and its EMA weights at ``opt.lora_scale``.
+
+    :raises LoraMismatchError: naming the file and the keys when it was made for another architecture.
+    """
+    if opt.lora is None:
+        return model
+    from ldm.finetune.lora import load_lora_for_sampling
+
+    return load_lora_for_sampling(model, opt.lora, scale=opt.lora_scale)
+
+
 def sampling_options(opt: argparse.Namespace) -> SamplingOptions:
     """The :class:`SamplingOptions` of the arguments of :func:`add_sampling_arguments`."""
     return SamplingOptions(sampler=opt.sampler, steps=opt.ddim_steps, eta=opt.ddim_eta,
@@ -251,7 +269,7 @@ def run_script(main: Callable[[], None]) -> None:
     """Runs a script's `main`, turning bad input (missing files, bad values) into a one-line error and exit 2."""
     try:
         main()
-    except (FileNotFoundError, ValueError, ConfigError) as e:
+    except (FileNotFoundError, ValueError, ConfigError, CheckpointError) as e:
         sys.stderr.write(f"error: {e}\n")
         raise SystemExit(2) from None
 

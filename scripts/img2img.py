@@ -19,6 +19,7 @@ from ldm.inference import (
     text_conditioning,
     model_files,
 )
+from ldm.inference import add_lora_arguments, apply_lora
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.sampling import autocast
 
@@ -32,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--negative_prompt", default="")
     parser.add_argument("--class_label", type=int, default=None, help="the class of a class-conditional model")
     add_sampling_arguments(parser, outdir="outputs/img2img-samples", config=None, ckpt=None, scale=5.0)
+    add_lora_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     image = load_image(opt.init_img)
     device = get_device(opt.device)
     model = load_model(*model_files(opt), device)
+    apply_lora(model, opt)
     multiple = 8 * downsampling_factor(model)
     h, w = (s - s % multiple for s in image.shape[-2:])
     if h == 0 or w == 0:

@@ -21,6 +21,7 @@ from ldm.inference import (
     sampling_options, seed_everything, to_uint8,
     model_files,
 )
+from ldm.inference import add_lora_arguments, apply_lora
 from ldm.models.diffusion.conditioning import mask_channel
 from ldm.models.diffusion.sampling import autocast, sample
 
@@ -58,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--indir", required=True, help="folder of NAME.png + NAME_mask.png pairs")
     add_sampling_arguments(parser, outdir="outputs/inpainting_results", config="models/ldm/inpainting_big/config.yaml",
                            ckpt="models/ldm/inpainting_big/last.ckpt", n_samples=1)
+    add_lora_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     pairs = find_pairs(opt.indir)
     device = get_device(opt.device)
     model = load_model(*model_files(opt), device)
+    apply_lora(model, opt)
     f = downsampling_factor(model)
     seed_everything(opt.seed)
     outdir = Path(opt.outdir)

@@ -19,6 +19,7 @@ from ldm.inference import (
     ema_weights, get_device, load_model, model_files, run_script, sampling_options, save_grid, save_samples,
     seed_everything, text_conditioning,
 )
+from ldm.inference import add_lora_arguments, apply_lora
 from ldm.models.diffusion.sampling import sample
 
 
@@ -48,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            config="configs/latent-diffusion/txt2img-1p4B-eval.yaml",
                            ckpt="models/ldm/text2img-large/model.ckpt", scale=5.0)
     add_tile_argument(parser)
+    add_lora_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     prompts = read_prompts(opt)
     device = get_device(opt.device)
     model = load_model(*model_files(opt), device)
+    apply_lora(model, opt)
     f = downsampling_factor(model)
     opt.H, opt.W = opt.H or model.image_size * f, opt.W or model.image_size * f
     if opt.H % f or opt.W % f:

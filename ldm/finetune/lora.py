@@ -203,6 +203,15 @@ def check_lora_fits(root: nn.Module, path: str | Path, tensors: Mapping[str, tor
                                 f"{type(root).__name__}: " + "; ".join(problems))
 
 
+def clear_encoder_caches(root: nn.Module) -> None:
+    """Drops the cached outputs of every submodule of `root` that keeps one (``clear_cache()``, e.g. the frozen
+    Hugging Face text encoder), after its weights changed."""
+    for m in root.modules():
+        clear = getattr(m, "clear_cache", None)
+        if callable(clear):
+            clear()
+
+
 def set_lora_scale(root: nn.Module, scale: float) -> None:
     """Scales the unmerged adapters of `root`: the update becomes ``scale * (alpha / rank) * B A``."""
     for layer in _lora_layers(root).values():
@@ -240,6 +249,7 @@ def load_lora(root: nn.Module, path: str | Path, scale: float = 1.0, merge: bool
             weight = getattr(layer, part)[ADAPTER].weight
             weight.copy_(tensors[f"{name}.{part}.weight"].to(weight.dtype))
     set_lora_scale(root, scale)
+    clear_encoder_caches(root)
     logger.info("loaded LoRA %s (rank %d, %d modules) into %s at scale %g%s", path, info["rank"],
                 len(info["modules"]), type(root).__name__, scale, ", merged" if merge else "")
     if not merge:
@@ -248,3 +258,27 @@ def load_lora(root: nn.Module, path: str | Path, scale: float = 1.0, merge: bool
     for param, flag in requires_grad.items():
         param.requires_grad_(flag)
     return root
+
+
+@torch.no_grad()
+def load_lora_for_sampling(model: nn.Module, path: str | Path, scale: float = 1.0) -> nn.Module:
+    """Merges a LoRA file into a diffusion model for sampling (:func:`load_lora`) and adds the same weight change
+    to the EMA copies of the adapted weights (``model_ema``, when the model keeps one), so that sampling with the
+    EMA weights (as the sampling scripts do) samples the base EMA plus the adapters.
+
+    :return: `model`, changed in place.
+    :raises LoraMismatchError: naming the file and the keys that do not fit.
+    """
+    _, info = read_lora(path)
+    adapted = [f"{name}.weight" for name in info["modules"]]
+    before = {name: model.get_parameter(name).detach().clone() for name in adapted}
+    load_lora(model, path, scale=scale)
+    ema = getattr(model, "model_ema", None) if getattr(model, "use_ema", False) else None
+    if ema is None:
+        return model
+    shadows = dict(ema.named_buffers())
+    for name, old in before.items():
+        s_name = ema.m_name2s_name.get(name[len("model."):]) if name.startswith("model.") else None
+        if s_name is not None:
+            shadows[s_name].add_(model.get_parameter(name) - old)
+    return model

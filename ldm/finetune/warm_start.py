@@ -3,7 +3,8 @@
 Reads an original CompVis ``.ckpt``, one of ours, a bare state dict or a ``.safetensors`` file through
 :func:`ldm.checkpoint.load_state_dict` (pickles never execute code). Before matching, checkpoint keys can be
 dropped by prefix (``ignore``, applied to the checkpoint's own keys) and then renamed by prefix (``rename``, the
-longest matching prefix wins: ``{"": "model.diffusion_model."}`` puts a bare UNet state dict in place); with ``from_ema`` the weights ``model.<name>`` are taken from the checkpoint's LitEma shadows
+longest matching prefix wins: ``{"": "model.diffusion_model."}`` puts a bare UNet state dict in place); with
+``from_ema`` the weights ``model.<name>`` are taken from the checkpoint's LitEma shadows
 ``model_ema.<name without dots>``. Then every key of the module is either loaded (same name and shape), skipped
 (the checkpoint has it with another shape) or left new (not in the checkpoint), and every checkpoint key the
 module lacks is unexpected. The config section (keys as in :meth:`WarmStartConfig.from_config`)::

@@ -27,8 +27,9 @@ snapshots at hand; :func:`solve_coefficients` reports it.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -91,6 +92,35 @@ def solve_coefficients(times: Sequence[float], gammas: Sequence[float], t_out: f
     target_norm2 = float(response_inner_product(t_out, gamma_out, t_out, gamma_out))
     residual2 = target_norm2 - 2.0 * coeffs @ rhs + coeffs @ gram @ coeffs
     return coeffs, math.sqrt(max(residual2, 0.0) / target_norm2)
+
+
+@dataclass(frozen=True)
+class PosthocEMAConfig:
+    """The ``posthoc_ema`` config section: the profile lengths kept during training and how often (in optimiser
+    steps) rank zero writes their snapshots to ``<run>/posthoc_ema/``."""
+
+    sigma_rels: tuple[float, ...] = (0.05, 0.10)
+    snapshot_every: int = 500
+
+    def __post_init__(self) -> None:
+        if self.snapshot_every < 1:
+            raise ValueError(f"posthoc_ema.snapshot_every must be a positive number of steps, got "
+                             f"{self.snapshot_every}")
+        for s in self.sigma_rels:
+            if not 0.0 < s < MAX_SIGMA_REL:
+                raise ValueError(f"posthoc_ema.sigma_rels: {s} is outside (0, {MAX_SIGMA_REL:.4f}), the range of "
+                                 f"power-function profiles")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], key: str = "posthoc_ema") -> "PosthocEMAConfig":
+        """:raises ValueError: naming an unknown key or a bad value."""
+        config = dict(config)
+        unknown = sorted(set(config) - {"sigma_rels", "snapshot_every"})
+        if unknown:
+            raise ValueError(f"unknown {key} key(s) {', '.join(unknown)}; allowed: sigma_rels, snapshot_every")
+        if "sigma_rels" in config:
+            config["sigma_rels"] = tuple(float(s) for s in config["sigma_rels"])
+        return cls(**config)
 
 
 class PowerFunctionEMA(nn.Module):

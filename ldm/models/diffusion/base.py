@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -20,6 +21,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from ldm.checkpoint import load_state_dict, load_weights
+from ldm.finetune.recipe import FinetuneRecipe
 from ldm.models.diffusion.conditioning import DiffusionWrapper, as_wrapper_kwargs
 from ldm.models.diffusion.denoiser import Denoiser
 from ldm.models.diffusion.discrete import ancestral_step, make_noise_sampler
@@ -30,21 +32,32 @@ from ldm.models.diffusion.sampling import (SamplerKind, SamplingOptions, Samplin
                                            x0_transform)
 from ldm.models.diffusion.schedule import (BUFFER_NAMES, extract, lvlb_weights, make_beta_schedule, q_sample,
                                            rescale_zero_terminal_snr, schedule_buffers)
-from ldm.models.diffusion.training import build_ema, build_loss_weighting, build_timestep_sampler
+from ldm.models.diffusion.training import OptionConfig, build_ema, build_loss_weighting, build_timestep_sampler
 from ldm.modules.ema import ema_weights
+from ldm.modules.power_ema import PosthocEMAConfig, PowerFunctionEMA
 from ldm.performance import optimizer_options
 from ldm.util import count_params, default, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
+POSTHOC_DIR = "posthoc_ema"
+
 
 class DiffusionModule(pl.LightningModule):
     """Gaussian diffusion with a fixed variance schedule (Ho et al. 2020), eps/x0/v-prediction.
 
-    :param timestep_sampler_config, loss_weighting_config, ema_config: the training step's objects (see
-        training.py); None keeps the original's uniform timesteps, unit weights and ``LitEma``.
+    :param timestep_sampling, loss_weighting, ema_schedule, ema_config: the training step's objects (see
+        training.py); None keeps the original's uniform timesteps, unit weights and ``LitEma`` warm-up.
+    :param warm_start, lora, finetune: fine-tuning sections (see ldm/finetune/recipe.py and docs/finetuning.md),
+        applied once the whole model is built; the EMA then starts from the resulting weights.
+    :param posthoc_ema: ``{sigma_rels, snapshot_every}``: keep power-function EMA profiles of the network and write
+        their snapshots to ``<run>/posthoc_ema/`` (rank zero) for scripts/posthoc_ema.py.
     The other arguments are the original DDPM's; see the README of configs/ldm.
     """
+
+    #: a subclass that builds more parts after ``DiffusionModule.__init__`` (the conditioner) sets this and calls
+    #: :meth:`setup_finetuning` at the end of its own ``__init__``
+    finishes_setup_in_subclass = False
 
     def __init__(self,
                  unet_config: Mapping[str, Any],
@@ -77,9 +90,14 @@ class DiffusionModule(pl.LightningModule):
                  noise_offset: float = 0.0,
                  ema_decay: float = 0.9999,
                  unet_trainable: bool = True,
-                 timestep_sampler_config: Mapping[str, Any] | None = None,
-                 loss_weighting_config: Mapping[str, Any] | None = None,
+                 timestep_sampling: OptionConfig = None,
+                 loss_weighting: OptionConfig = None,
+                 ema_schedule: OptionConfig = None,
                  ema_config: Mapping[str, Any] | None = None,
+                 warm_start: Mapping[str, Any] | None = None,
+                 lora: Mapping[str, Any] | None = None,
+                 finetune: Mapping[str, Any] | None = None,
+                 posthoc_ema: Mapping[str, Any] | None = None,
                  ) -> None:
         super().__init__()
         self.parameterization = Parameterization.parse(parameterization)
@@ -96,9 +114,11 @@ class DiffusionModule(pl.LightningModule):
             self.model.requires_grad_(False)
         logger.info("%s has %.2fM parameters", type(self.model).__name__, count_params(self.model) * 1e-6)
         self.use_ema = use_ema
+        self.ema_decay, self.ema_schedule, self.ema_config = ema_decay, ema_schedule, ema_config
         if use_ema:
-            self.model_ema = build_ema(ema_config, self.model, ema_decay)
-            logger.info("keeping EMAs of %d tensors", len(list(self.model_ema.buffers())))
+            self.create_ema()
+        self.recipe = FinetuneRecipe.from_config(warm_start, lora, finetune)
+        self.posthoc_ema_config = None if posthoc_ema is None else PosthocEMAConfig.from_config(posthoc_ema)
         self.use_scheduler = scheduler_config is not None
         self.scheduler_config = scheduler_config
         self.v_posterior = v_posterior
@@ -109,8 +129,8 @@ class DiffusionModule(pl.LightningModule):
         self.register_schedule(given_betas=given_betas, beta_schedule=beta_schedule, timesteps=timesteps,
                                linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s,
                                zero_terminal_snr=zero_terminal_snr)
-        self.timestep_sampler = build_timestep_sampler(timestep_sampler_config, self.num_timesteps)
-        self.loss_weighting = build_loss_weighting(loss_weighting_config)
+        self.timestep_sampler = build_timestep_sampler(timestep_sampling, self.num_timesteps)
+        self.loss_weighting = build_loss_weighting(loss_weighting)
         self.loss_type = LossType.parse(loss_type).value
         self.learn_logvar = learn_logvar
         logvar = torch.full(fill_value=float(logvar_init), size=(self.num_timesteps,))
@@ -120,6 +140,29 @@ class DiffusionModule(pl.LightningModule):
         self.restarted_from_ckpt = False
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
+        if not self.finishes_setup_in_subclass:
+            self.setup_finetuning()
+
+    def create_ema(self) -> None:
+        """(Re)creates the EMA of the network's trainable parameters from their current values."""
+        self.model_ema = build_ema(self.ema_config, self.model, self.ema_decay, self.ema_schedule)
+        logger.info("keeping EMAs of %d tensors", len(list(self.model_ema.buffers())))
+
+    def setup_finetuning(self) -> None:
+        """Applies the warm start, LoRA adapters and train/freeze patterns (if configured), then starts the EMA
+        from the resulting weights and adds the post-hoc EMA profiles; without these sections nothing changes."""
+        if self.recipe.active:
+            self.warm_start_report = self.recipe.apply(self)
+            if self.warm_start_report is not None:
+                self.restarted_from_ckpt = True  # e.g. keep the checkpoint's scale_factor
+            self.check_recipe()
+            if self.use_ema:
+                self.create_ema()
+        if self.posthoc_ema_config is not None:
+            self.posthoc_ema = PowerFunctionEMA(self.model, self.posthoc_ema_config.sigma_rels)
+
+    def check_recipe(self) -> None:
+        """Refuses fine-tuning settings the model cannot train (subclasses add their checks)."""
 
     # -- schedule ------------------------------------------------------------------------------------------
     def register_schedule(self, given_betas: Sequence[float] | None = None, beta_schedule: str = "linear",
@@ -262,6 +305,29 @@ class DiffusionModule(pl.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.use_ema:
             self.model_ema(self.model)
+        if self.posthoc_ema_config is not None:
+            self.posthoc_ema(self.model)
+            if self.global_step % self.posthoc_ema_config.snapshot_every == 0:
+                self.save_posthoc_snapshots()
+
+    def save_posthoc_snapshots(self) -> None:
+        """Rank zero writes the post-hoc EMA profiles to ``<run>/posthoc_ema/`` (named by the global step)."""
+        if self.trainer.is_global_zero and self.posthoc_ema.num_updates > 0:
+            self.posthoc_ema.save_snapshots(Path(self.trainer.default_root_dir) / POSTHOC_DIR, self.global_step)
+
+    def on_train_end(self) -> None:
+        if self.posthoc_ema_config is not None and self.global_step % self.posthoc_ema_config.snapshot_every:
+            self.save_posthoc_snapshots()  # the last steps too
+        self.save_lora_adapters()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.save_lora_adapters()
+
+    def save_lora_adapters(self) -> None:
+        """With a ``lora`` section, rank zero writes the adapter weights to ``<run>/lora.safetensors`` (with every
+        checkpoint and at the end of training)."""
+        if self.recipe.lora is not None and self.trainer.is_global_zero:
+            self.recipe.save_adapters(self, self.trainer.default_root_dir)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimiser updates: the UNet (if trainable) and a learned logvar."""
@@ -276,8 +342,13 @@ class DiffusionModule(pl.LightningModule):
         if lr is None:
             raise AttributeError(f"{type(self).__name__}.learning_rate is not set: main.py sets it from "
                                  f"model.base_learning_rate; set it before training")
-        params = self.trainable_parameters()
-        opt = torch.optim.AdamW(params, lr=lr, **optimizer_options(self, params))
+        if self.recipe.active:
+            groups = self.recipe.param_groups(self, lr)
+            params = [p for g in groups for p in g["params"]]
+            opt = torch.optim.AdamW(groups, lr=lr, **optimizer_options(self, params))
+        else:
+            params = self.trainable_parameters()
+            opt = torch.optim.AdamW(params, lr=lr, **optimizer_options(self, params))
         if not self.use_scheduler:
             return opt
         if "target" not in self.scheduler_config:

@@ -18,6 +18,7 @@ from ldm.data.layout import LayoutTokenizer
 from ldm.data.layout_json import read_class_names
 from ldm.distributed import broadcast_, global_mean_std, is_distributed
 from ldm.models.diffusion import image_logging
+from ldm.finetune.recipe import check_trainable_conditioner
 from ldm.models.diffusion.base import DiffusionModule
 from ldm.models.diffusion.conditioning import (LAYOUT_COND_KEY, ConditionBuilder, batch_tensor,
                                                resolve_conditioning_key, slice_cond)
@@ -112,6 +113,12 @@ class LatentDiffusion(DiffusionModule):
         self.clip_denoised = False
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys, only_model=load_only_unet)
+        self.setup_finetuning()
+
+    finishes_setup_in_subclass = True  # the fine-tuning sections may name the conditioner
+
+    def check_recipe(self) -> None:
+        check_trainable_conditioner(self, "cond_stage_model.", self.cond_stage_trainable)
 
     # -- construction -----------------------------------------------------------------------------------------
     def make_cond_schedule(self) -> None:

@@ -23,7 +23,7 @@ holds for the squared (l2) error; with an l1 loss the same weights are applied b
 from __future__ import annotations
 
 import enum
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 import torch
 
@@ -70,31 +70,47 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, parameterization: str | Parame
     return weights.float()
 
 
-class MinSNRWeighting:
-    """Min-SNR-gamma loss weights for a fixed schedule and parameterisation, looked up by timestep.
+class LossWeighting(Protocol):
+    """``weighting(t, alphas_cumprod, parameterization) -> [N]`` weights of each example's simple loss
+    (t: [N] long timesteps, alphas_cumprod: the model's [T] buffer)."""
 
-    :param alphas_cumprod: the model's [T] ``alphas_cumprod`` buffer.
-    :param parameterization: 'eps', 'x0' or 'v'.
-    :param gamma: the SNR cap.
-    """
+    def __call__(self, t: torch.Tensor, alphas_cumprod: torch.Tensor,
+                 parameterization: Parameterization) -> torch.Tensor: ...
 
-    def __init__(self, alphas_cumprod: torch.Tensor, parameterization: str | Parameterization,
-                 gamma: float = 5.0) -> None:
-        self.gamma = float(gamma)
-        self.parameterization = Parameterization.parse(parameterization)
-        self.table = min_snr_weights(alphas_cumprod.detach().cpu(), self.parameterization, self.gamma)
 
-    def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        """The weights of a batch of timesteps: an [N] long Tensor -> an [N] float32 Tensor on t's device."""
-        return self.table.to(t.device)[t]
+class UnitWeighting:
+    """Every example weighs 1: the plain simple loss of the original."""
+
+    def __call__(self, t: torch.Tensor, alphas_cumprod: torch.Tensor,
+                 parameterization: Parameterization) -> torch.Tensor:
+        return torch.ones(t.shape[0], device=t.device)
 
     def __repr__(self) -> str:
-        return f"MinSNRWeighting(gamma={self.gamma}, parameterization={self.parameterization.value!r})"
+        return "UnitWeighting()"
 
 
-def make_loss_weighting(config: Mapping[str, Any] | str | None, alphas_cumprod: torch.Tensor,
-                        parameterization: str | Parameterization) -> MinSNRWeighting | None:
-    """The per-timestep loss weighting of a config, or None for the unweighted loss (the original).
+class MinSNRWeighting:
+    """Min-SNR-gamma loss weights of a batch of timesteps (see the module docstring).
+
+    :param gamma: the SNR cap, > 0.
+    """
+
+    def __init__(self, gamma: float = 5.0) -> None:
+        if not gamma > 0:
+            raise ValueError(f"min-SNR gamma must be positive, got {gamma}")
+        self.gamma = float(gamma)
+
+    def __call__(self, t: torch.Tensor, alphas_cumprod: torch.Tensor,
+                 parameterization: str | Parameterization) -> torch.Tensor:
+        """The [N] float32 weights of [N] long timesteps `t` under the [T] schedule `alphas_cumprod`."""
+        return min_snr_weights(alphas_cumprod, parameterization, self.gamma).to(t.device)[t]
+
+    def __repr__(self) -> str:
+        return f"MinSNRWeighting(gamma={self.gamma})"
+
+
+def make_loss_weighting(config: Mapping[str, Any] | str | None) -> LossWeighting:
+    """The per-example loss weighting of a config; None or 'none' gives the original unweighted loss.
 
     :param config: None, a kind ('none', 'min_snr') or ``{"kind": "min_snr", "gamma": 5.0}``.
     :raises ValueError: naming the key for an unknown kind or parameter.
@@ -102,5 +118,5 @@ def make_loss_weighting(config: Mapping[str, Any] | str | None, alphas_cumprod: 
     kind, params = parse_kind_config(config, LossWeightingKind, LossWeightingKind.NONE, "loss_weighting",
                                      {LossWeightingKind.NONE: (), LossWeightingKind.MIN_SNR: ("gamma",)})
     if kind is LossWeightingKind.NONE:
-        return None
-    return MinSNRWeighting(alphas_cumprod, parameterization, **params)
+        return UnitWeighting()
+    return MinSNRWeighting(**params)

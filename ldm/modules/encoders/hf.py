@@ -223,7 +223,9 @@ class FrozenHFTextEmbedder(FrozenTextEncoder):
     :param max_length: the token length (prompts are truncated/padded to it).
     :param device: accepted for config compatibility; computation follows the module's parameters.
     :param cache_size: keep the embeddings of this many distinct prompts (the encoder is frozen, so a cached
-        embedding is exact); 0 turns the cache off. Worth it when a dataset repeats its captions.
+        embedding is exact); 0 turns the cache off. Worth it when a dataset repeats its captions. The cache is
+        bypassed while any parameter requires gradients (e.g. LoRA adapters being trained), and whoever changes
+        the weights (loading or merging adapters) calls :meth:`clear_cache`.
     """
 
     def __init__(self, path_or_id: str, max_length: int = 77, device: Any = None, cache_size: int = 0):
@@ -253,10 +255,14 @@ class FrozenHFTextEmbedder(FrozenTextEncoder):
         ids, mask = self.tokenize(text)
         return self.transformer(input_ids=ids, attention_mask=mask.long()).last_hidden_state
 
+    def clear_cache(self) -> None:
+        """Forgets the cached embeddings (call after changing the encoder's weights)."""
+        self._cache.clear()
+
     def forward(self, text: str | Sequence[str]) -> torch.Tensor:
         """:param text: N prompts. :return: an [N x max_length x D] Tensor of last hidden states."""
         text = [text] if isinstance(text, str) else list(text)
-        if not self.cache_size:
+        if not self.cache_size or any(p.requires_grad for p in self.parameters()):
             return self._encode(text)
         device = self._device
         missing = [t for t in dict.fromkeys(text) if t not in self._cache or self._cache[t].device != device]
