@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,16 +108,14 @@ def emoji_params(config: Path) -> dict:
     return dict(OmegaConf.to_container(train.params, resolve=True))
 
 
-def emoji_dataset(config: Path, split: str, repeats: int) -> EmojiDataset:
-    """The emoji of the run's training data (same size and classes), for another split."""
-    return EmojiDataset(**{**emoji_params(config), "split": split, "repeats": repeats, "length": None})
+def emoji_dataset(config: Path, split: str, repeats: int, **overrides: Any) -> EmojiDataset:
+    """The emoji of the run's training data (same size and classes, or `overrides`), for another split."""
+    return EmojiDataset(**{**emoji_params(config), "split": split, "repeats": repeats, "length": None, **overrides})
 
 
 def subject_renders(config: Path, subject: str, split: str, n: int) -> torch.Tensor:
     """[n x 3 x H x W] renders of `subject` in [-1, 1], augmented as the run's training data."""
-    params = emoji_params(config)
-    params.update(names=[subject], split=split, repeats=n, length=None)
-    ds = EmojiDataset(**params)
+    ds = emoji_dataset(config, split, n, names=[subject])
     return torch.from_numpy(np.stack([ds[i]["image"] for i in range(n)])).permute(0, 3, 1, 2)
 
 

@@ -14,12 +14,10 @@ import numpy as np
 import torch
 
 from ldm.inference import (
-    add_sampling_arguments, class_conditioning, decode_to_uint8, downsampling_factor, ema_weights, get_device,
-    is_class_conditional, load_image, load_model, run_script, save_grid, save_samples, seed_everything,
-    text_conditioning,
-    model_files,
+    add_lora_arguments, add_sampling_arguments, apply_lora, class_conditioning, decode_to_uint8,
+    downsampling_factor, ema_weights, get_device, is_class_conditional, load_image, load_model, model_files,
+    run_script, save_grid, save_samples, seed_everything, text_conditioning,
 )
-from ldm.inference import add_lora_arguments, apply_lora
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.sampling import autocast
 

@@ -17,11 +17,9 @@ import torch
 from PIL import Image
 
 from ldm.inference import (
-    add_sampling_arguments, downsampling_factor, ema_weights, get_device, load_image, load_model, run_script,
-    sampling_options, seed_everything, to_uint8,
-    model_files,
+    add_lora_arguments, add_sampling_arguments, apply_lora, downsampling_factor, ema_weights, get_device,
+    load_image, load_model, model_files, run_script, sampling_options, seed_everything, to_uint8,
 )
-from ldm.inference import add_lora_arguments, apply_lora
 from ldm.models.diffusion.conditioning import mask_channel
 from ldm.models.diffusion.sampling import autocast, sample
 

@@ -15,11 +15,10 @@ import numpy as np
 import torch
 
 from ldm.inference import (
-    add_sampling_arguments, add_tile_argument, configure_tiling, decode_to_uint8, downsampling_factor,
-    ema_weights, get_device, load_model, model_files, run_script, sampling_options, save_grid, save_samples,
-    seed_everything, text_conditioning,
+    add_lora_arguments, add_sampling_arguments, add_tile_argument, apply_lora, configure_tiling, decode_to_uint8,
+    downsampling_factor, ema_weights, get_device, load_model, model_files, run_script, sampling_options, save_grid,
+    save_samples, seed_everything, text_conditioning,
 )
-from ldm.inference import add_lora_arguments, apply_lora
 from ldm.models.diffusion.sampling import sample
 
 
