@@ -23,7 +23,9 @@ round for ``--repeats`` rounds in turn, after ``--warmup`` calls (which include 
 of wall time (the JSON also has process CPU time, steadier on a shared machine). ``--flops`` adds the achieved
 TFLOP/s (FLOPs counted by torch.utils.flop_counter on the eager network) and their share of the device's dense
 peak: a table of data-sheet numbers for known GPUs, else the best measured throughput of a 2048^3 matrix product
-(labelled as such). Never run in CI.
+(labelled as such). ``--breakdown`` profiles one call of each kind and reports the share of its time in the dense
+kernels (matrix products, convolutions, fused attention) and the fusion bound: total over dense time, the largest
+speed-up that fusing (``torch.compile``) or removing all the other work could give. Never run in CI.
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ from ldm.inference import get_device, load_config
 from ldm.performance import apply_performance_options, fused_adamw_supported
 from ldm.util import count_params, instantiate_from_config
 
-from benchmark_measure import (DTYPES, available_memory, count_flops, device_peak_tflops, machine,
+from benchmark_measure import (DTYPES, available_memory, count_flops, dense_breakdown, device_peak_tflops, machine,
                                peak_step_memory, progress, tensor_bytes, time_calls)
 
 KINDS_OF_STEP = ("train", "sample", "encode", "decode", "memory", "stage2")
@@ -74,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--optimizer", choices=["adamw", "none"], default="adamw", help="'none': forward and backward")
     p.add_argument("--guidance-scale", type=float, default=5.0)
     p.add_argument("--flops", action="store_true", help="achieved TFLOP/s and the share of the device's peak")
+    p.add_argument("--breakdown", action="store_true", help="profile one call of each kind: the share of its time "
+                   "in matmul/convolution/attention kernels and the most that fusing the rest could gain")
     p.add_argument("--isolate", action="store_true", help="build each subject anew in each round and free it "
                    "after (one subject in memory at a time; automatic when two would not fit)")
     p.add_argument("--device", default=None, help="default: cuda, then mps, then cpu")
@@ -402,6 +406,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rec["peak_memory_bytes"] = peak_step_memory(step, built.held_bytes(), device)
         if args.flops and "flops" not in rec:
             rec["flops"] = {k: count_flops(f) for k, f in built.flop_steps.items() if k in kinds}
+        if args.breakdown and "breakdown" not in rec:
+            rec["breakdown"] = {k: dense_breakdown(f, device) for k, f in built.steps.items() if k in kinds}
         return built
 
     isolate = args.isolate or not fits_together(config, args, device, len(subjects))
@@ -449,6 +455,8 @@ def summarize(args: argparse.Namespace, device: torch.device, batch: int, kinds:
                     cpu_tflops = flops / entry["median_cpu_s"] / 1e12
                     entry["cpu_tflops_per_core"] = round(cpu_tflops, 4)
                     entry["share_of_peak_cpu_time"] = round(cpu_tflops / peak["cpu_tflops"], 4)
+            if kind in (rec.get("breakdown") or {}):
+                entry["breakdown"] = rec["breakdown"][kind]
             out[kind] = entry
         if "peak_memory_bytes" in rec:
             out["peak_memory_GiB"] = round(rec["peak_memory_bytes"] / 2 ** 30, 3)
@@ -482,6 +490,9 @@ def format_table(result: dict[str, Any]) -> str:
         if "tflops" in first[kind]:
             rows.append([f"{label}: TFLOP/s (share of peak)", *[_flops_cell(s.get(kind, {})) for s in subjects],
                          *["" for _ in subjects[1:]]])
+        if "breakdown" in first[kind]:
+            rows.append([f"{label}: time in matmul/conv/attention (fusion bound)",
+                         *[_breakdown_cell(s.get(kind, {})) for s in subjects], *["" for _ in subjects[1:]]])
     if "peak_memory_GiB" in first:
         memory = [s.get("peak_memory_GiB", float("nan")) for s in subjects]
         rows.append(["train step peak memory", *[f"{m:.3g} GiB" for m in memory],
@@ -514,6 +525,13 @@ def _time_cell(entry: dict[str, Any], cpu: bool) -> str:
 def _ratio_cell(first: dict[str, Any], other: dict[str, Any], cpu: bool) -> str:
     cell = f"{other['median_s'] / first['median_s']:.2f}x"
     return f"{cell} ({other['median_cpu_s'] / first['median_cpu_s']:.2f}x)" if cpu else cell
+
+
+def _breakdown_cell(entry: dict[str, Any]) -> str:
+    if "breakdown" not in entry:
+        return "-"
+    b = entry["breakdown"]
+    return f"{100 * b['dense_share']:.0f} % ({b['fusion_bound']:.2f}x)"
 
 
 def _flops_cell(entry: dict[str, Any]) -> str:

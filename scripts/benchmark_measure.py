@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -80,6 +81,36 @@ def count_flops(fn: Callable[[], Any]) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
+
+
+# operators that run the dense kernels (matrix products, convolutions, fused attention); what a compiler that
+# fuses elementwise and normalisation work leaves as it is (in training, inductor calls these same kernels)
+DENSE_OPERATORS = re.compile(r"aten::(mm|addmm|bmm|baddbmm|_?addmm_activation|.*convolution.*|_slow_conv.*"
+                             r"|_scaled_dot_product.*|_flash_attention.*|_efficient_attention.*)$")
+
+
+def dense_breakdown(fn: Callable[[], Any], device: torch.device) -> dict[str, float]:
+    """Where one call of `fn` spends its time: the seconds in dense kernels (DENSE_OPERATORS) and in everything
+    else (elementwise, normalisation, copies, framework overhead), by the profiler's self time of each operator
+    (CPU time on CPU, device time on CUDA). ``fusion_bound`` = total / dense is the largest speed-up that fusing or
+    removing everything but the dense kernels could give (Amdahl's law)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        fn()
+        synchronize(device)
+    dense = total = 0.0
+    for event in prof.key_averages():
+        us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        total += us
+        if DENSE_OPERATORS.match(event.key):
+            dense += us
+    return {"dense_s": round(dense / 1e6, 4), "other_s": round((total - dense) / 1e6, 4),
+            "dense_share": round(dense / total, 4) if total else 0.0,
+            "fusion_bound": round(total / dense, 3) if dense else float("inf")}
 
 
 def device_peak_tflops(device: torch.device, precision: str) -> dict[str, Any]:

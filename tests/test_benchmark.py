@@ -41,6 +41,30 @@ def test_cpu_peak_memory_is_the_peak_of_live_allocations():
     assert bench.peak_step_memory(step, 100, torch.device("cpu")) == 100 + 3 * MiB
 
 
+def test_dense_breakdown_separates_matrix_products_from_elementwise_work():
+    bench = load("benchmark_measure")
+    cpu = torch.device("cpu")
+    a = torch.randn(384, 384)
+    x = torch.randn(1 << 20)
+
+    def products():
+        for _ in range(20):
+            a @ a
+
+    def elementwise():
+        for _ in range(20):
+            torch.sigmoid(x).mul_(2).add_(1)
+
+    mixed = [products, elementwise]
+    parts = {f.__name__: bench.dense_breakdown(f, cpu) for f in mixed}
+    assert parts["products"]["dense_share"] > 0.95 and parts["elementwise"]["dense_share"] == 0
+    both = bench.dense_breakdown(lambda: [f() for f in mixed], cpu)
+    # both kinds of work counted, each on its side; the bound is (dense + other) / dense
+    assert 0.05 < both["dense_share"] < 0.95
+    assert both["fusion_bound"] == pytest.approx((both["dense_s"] + both["other_s"]) / both["dense_s"], rel=1e-2)
+    assert 1 < both["fusion_bound"] < parts["elementwise"]["fusion_bound"]
+
+
 def test_activation_checkpointing_lowers_the_measured_training_peak():
     bench = load("benchmark_measure")
     torch.manual_seed(0)
