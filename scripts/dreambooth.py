@@ -43,10 +43,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/demo.py's sampling and grid helpers
 
 from demo import labelled_grid, sample_prompts  # noqa: E402
-from ldm.data.emoji import EmojiDataset  # noqa: E402
-from ldm.data.latent_cache import LatentCacheDataset, read_manifest  # noqa: E402
 from ldm.checkpoint import load_state_dict, save_checkpoint  # noqa: E402
+from ldm.data.emoji import EmojiDataset  # noqa: E402
 from ldm.data.folder import ImageFolderDataset  # noqa: E402
+from ldm.data.latent_cache import LatentCacheDataset, read_manifest  # noqa: E402
 from ldm.evaluation.classifier import conditional_accuracy, predict, train_classifier  # noqa: E402
 from ldm.finetune.decoder import adapt_decoder  # noqa: E402
 from ldm.finetune.lora import load_lora_for_sampling  # noqa: E402
