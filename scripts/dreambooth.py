@@ -10,16 +10,23 @@ rare token, while prior-preservation images that the model generates itself keep
    farthest from every trained caption; the instance prompt is the identifier alone;
 2. data (``<outdir>/data``): ``--instances`` renders of the subject, and ``--prior-per-prompt`` samples of the base
    model for each of its prompts (DDIM, guidance, EMA weights), mixed 1:1 by repeating the instance rows;
-3. fine-tuning with ``main.py``: the demo run's config with a warm start from its EMA weights and either the UNet
-   trained (``finetune.train``) or LoRA adapters (``lora``; the adapters are written to ``<run>/lora.safetensors``);
-4. measurement (``<outdir>/metrics.json``, ``<outdir>/grid.png``), before and after: a classifier trained on real
+3. first stage: the subject may lie outside what the autoencoder was trained on (the demo's decoder renders the
+   sunflower's latent as a brown blob, so no UNet could show it); ``--decoder-steps`` of
+   :func:`ldm.finetune.decoder.adapt_decoder` teach a copy of the decoder the instance and prior images, with the
+   encoder (the latent space the base model lives in) unchanged (``<outdir>/first_stage.ckpt``);
+4. fine-tuning with ``main.py``: the demo run's config with a warm start from its EMA weights (the first stage from
+   step 3) and either the UNet trained (``finetune.train``) or LoRA adapters (``lora``; the adapters are written
+   to ``<run>/lora.safetensors``);
+5. measurement (``<outdir>/metrics.json``, ``<outdir>/grid.png``), before and after: a classifier trained on real
    renders of the trained emoji plus the subject says how many samples of the identifier show the subject, how
    accurate the trained prompts stay, and how many of their samples turned into the subject (leakage); the mean
-   pixel distance of identifier samples to their nearest subject render is reported too.
+   pixel distance of identifier samples to their nearest subject render, and the share of the first stage's
+   reconstructions of held-out subject renders that show the subject (the most its decoder allows), are reported too.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import subprocess
@@ -36,9 +43,12 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/demo.py's sampling and grid helpers
 
 from demo import labelled_grid, sample_prompts  # noqa: E402
+from ldm.checkpoint import load_state_dict, save_checkpoint  # noqa: E402
 from ldm.data.emoji import EmojiDataset  # noqa: E402
+from ldm.data.folder import ImageFolderDataset  # noqa: E402
 from ldm.data.latent_cache import LatentCacheDataset, read_manifest  # noqa: E402
 from ldm.evaluation.classifier import conditional_accuracy, predict, train_classifier  # noqa: E402
+from ldm.finetune.decoder import adapt_decoder  # noqa: E402
 from ldm.finetune.lora import load_lora_for_sampling  # noqa: E402
 from ldm.inference import load_model, to_uint8  # noqa: E402
 from ldm.runs import project_config  # noqa: E402
@@ -63,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate (not scaled by the batch size)")
     p.add_argument("--lora", type=int, default=0, help="LoRA rank (0: fine-tune the whole UNet)")
+    p.add_argument("--decoder-steps", type=int, default=150,
+                   help="steps adapting the first stage's decoder to the instance and prior images (0: keep it)")
+    p.add_argument("--decoder-lr", type=float, default=3e-4)
     p.add_argument("--eval-per-prompt", type=int, default=16, help="samples per prompt for the measurement")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--scale", type=float, default=3.0, help="classifier-free guidance scale")
@@ -144,12 +157,38 @@ def write_data(root: Path, token: str, instances: torch.Tensor, priors: torch.Te
                 len(prior_rows), root)
 
 
-def finetune_config(config: Path, ckpt: Path, data: Path, args: argparse.Namespace) -> Path:
-    """The base run's config with the warm start, the trained part, the folder data and a short schedule set."""
+def training_images(data: Path, size: int) -> torch.Tensor:
+    """[N x 3 x H x W] in [-1, 1]: the rows of ``train.jsonl`` (instances repeated as there), read as the
+    fine-tune reads them."""
+    ds = ImageFolderDataset(str(data), size=size, captions="jsonl:train.jsonl", seed=0)
+    return torch.from_numpy(np.stack([ds[i]["image"] for i in range(len(ds))])).permute(0, 3, 1, 2)
+
+
+def adapt_first_stage(model, config: Path, data: Path, args: argparse.Namespace) -> Path | None:
+    """Adapts a copy of the base model's first-stage decoder to the training images (the subject may lie outside
+    what the autoencoder was trained on; the encoder, and so the latent space, stays) and writes it to
+    ``<outdir>/first_stage.ckpt``; None with ``--decoder-steps 0``."""
+    if args.decoder_steps <= 0:
+        return None
+    first_stage = copy.deepcopy(model.first_stage_model)
+    images = training_images(data, int(emoji_params(config).get("size", 32)))
+    adapt_decoder(first_stage, images, args.decoder_steps, lr=args.decoder_lr, seed=args.seed)
+    path = Path(args.outdir).resolve() / "first_stage.ckpt"
+    save_checkpoint({"state_dict": first_stage.state_dict()}, path)
+    return path
+
+
+def finetune_config(config: Path, ckpt: Path, data: Path, args: argparse.Namespace,
+                    first_stage: Path | None = None) -> Path:
+    """The base run's config with the warm start, the trained part, the folder data and a short schedule set;
+    with `first_stage` (an adapted first stage) the first stage is loaded from it instead of the base checkpoint."""
     cfg = OmegaConf.load(config)
     size = int(emoji_params(config).get("size", 32))
     params = cfg.model.params
     params.warm_start = {"path": str(ckpt.resolve()), "from_ema": True}
+    if first_stage is not None:
+        params.first_stage_config.params.ckpt_path = str(first_stage)
+        params.warm_start.ignore = ["first_stage_model."]
     params.ema_schedule = {"kind": "power", "power": 0.75}
     if args.lora:
         params.lora = {"rank": args.lora}
@@ -193,16 +232,22 @@ def fine_tune(config: Path, args: argparse.Namespace) -> Path:
     return runs[-1]
 
 
+@torch.no_grad()
 def evaluate(model, token: str, prompts: list[str], classifier, subject: torch.Tensor,
              args: argparse.Namespace) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
-    """Subject share, nearest-subject distance, accuracy and leakage of one model; also returns its samples."""
+    """Subject share, nearest-subject distance, accuracy and leakage of one model, and the share of its first
+    stage's reconstructions of the held-out `subject` renders classified as the subject (what its decoder can
+    show at best); also returns its samples."""
     n = args.eval_per_prompt
+    reconstructed = model.decode_first_stage(model.get_first_stage_encoding(model.encode_first_stage(subject)))
     mine = sample_prompts(model, [token], n, args, seed=args.seed + 1)
     others = sample_prompts(model, prompts, n, args, seed=args.seed + 2)
     subject_class = len(prompts)
     labels = torch.arange(len(prompts)).repeat_interleave(n)
     nearest = torch.cdist(mine.flatten(1), subject.flatten(1)).min(dim=1).values / mine[0].numel() ** 0.5
     result = {"subject_share": (predict(classifier, mine) == subject_class).float().mean().item(),
+              "first_stage_subject_share": (predict(classifier, reconstructed.clamp(-1, 1)) == subject_class)
+              .float().mean().item(),
               "subject_rms_distance": nearest.mean().item(),
               "prompt_accuracy": conditional_accuracy(classifier, others, labels),
               "leakage": (predict(classifier, others) == subject_class).float().mean().item()}
@@ -231,12 +276,17 @@ def main(argv: list[str] | None = None) -> int:
     timings["data_s"] = round(time.time() - t0, 1)
 
     t1 = time.time()
-    run = fine_tune(finetune_config(config, ckpt, (outdir / "data").resolve(), args), args)
+    first_stage = adapt_first_stage(base, config, (outdir / "data").resolve(), args)
+    timings["decoder_s"] = round(time.time() - t1, 1)
+    t1 = time.time()
+    run = fine_tune(finetune_config(config, ckpt, (outdir / "data").resolve(), args, first_stage), args)
     timings["fine_tune_s"] = round(time.time() - t1, 1)
 
     t2 = time.time()
     if args.lora:
         tuned = load_lora_for_sampling(load_model(config, ckpt, device="cpu", strict=True), run / "lora.safetensors")
+        if first_stage is not None:
+            tuned.first_stage_model.load_state_dict(load_state_dict(first_stage))
     else:
         tuned = load_model(project_config(run), run / "checkpoints" / "last.ckpt", device="cpu", strict=True)
     names = list(prompts) + [args.subject]
@@ -264,16 +314,18 @@ def main(argv: list[str] | None = None) -> int:
                   per_row).save(outdir / "grid.png")
     metrics = {"subject": args.subject, "token": token, "mode": f"lora rank {args.lora}" if args.lora else "unet",
                "instances": args.instances, "prior_per_prompt": args.prior_per_prompt,
+               "decoder_steps": args.decoder_steps, "decoder_lr": args.decoder_lr,
                "train_steps": args.train_steps, "batch_size": args.batch_size, "lr": args.lr,
                "eval_per_prompt": args.eval_per_prompt, "ddim_steps": args.steps, "guidance_scale": args.scale,
                "classifier": f"SmallClassifier on real renders of {len(names)} emoji", "results": results,
                "run": str(run), "timings": timings}
     (outdir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"identifier {token!r} for {args.subject}; run {run}")
-    print(f"{'':8s} {'subject':>8s} {'distance':>9s} {'accuracy':>9s} {'leakage':>8s}")
+    print(f"{'':8s} {'subject':>8s} {'distance':>9s} {'accuracy':>9s} {'leakage':>8s} {'decoder':>8s}")
     for name, r in results.items():
         print(f"{name:8s} {100 * r['subject_share']:7.1f}% {r['subject_rms_distance']:9.3f} "
-              f"{100 * r['prompt_accuracy']:8.1f}% {100 * r['leakage']:7.1f}%")
+              f"{100 * r['prompt_accuracy']:8.1f}% {100 * r['leakage']:7.1f}% "
+              f"{100 * r['first_stage_subject_share']:7.1f}%")
     return 0
 
 

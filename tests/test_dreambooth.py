@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ldm.checkpoint import load_checkpoint, save_checkpoint
+from ldm.checkpoint import load_checkpoint, load_state_dict, save_checkpoint
 from ldm.modules.ema import shadow_name
 from ldm.util import instantiate_from_config
 
@@ -53,7 +53,7 @@ def test_dreambooth_script_on_a_tiny_demo_model(tmp_path):
     script = load_script()
     assert script.main(["--config", str(config), "--ckpt", str(ckpt), "--outdir", str(out), "--instances", "2",
                         "--prior-per-prompt", "2", "--train-steps", "3", "--batch-size", "4", "--eval-per-prompt",
-                        "2", "--steps", "2", "--classifier-steps", "5"]) == 0
+                        "2", "--steps", "2", "--classifier-steps", "5", "--decoder-steps", "2"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     token = metrics["token"]
     base = instantiate_from_config(OmegaConf.load(config).model)
@@ -69,12 +69,19 @@ def test_dreambooth_script_on_a_tiny_demo_model(tmp_path):
     assert len(instance) == len(prior) == 6 and {r["caption"] for r in prior} == set(NAMES)
     assert all((out / "data" / r["file_name"]).is_file() for r in rows)
 
-    # only the UNet trained, from the base model's EMA weights; the first stage and the text encoder are the base's
+    # only the UNet trained, from the base model's EMA weights; the text encoder and the first stage's encoder
+    # (the latent space) are the base's, its decoder is the one adapted to the instance and prior images
     base_sd = load_checkpoint(ckpt)["state_dict"]
     tuned_sd = load_checkpoint(Path(metrics["run"]) / "checkpoints" / "last.ckpt")["state_dict"]
     for k, v in base_sd.items():
-        if k.startswith(("first_stage_model.", "cond_stage_model.")) or k == "scale_factor":
+        if k.startswith(("first_stage_model.encoder.", "first_stage_model.quant_conv.", "cond_stage_model.")) \
+                or k == "scale_factor":
             assert torch.equal(tuned_sd[k], v), k
+    adapted = load_state_dict(out / "first_stage.ckpt")
+    assert all(torch.equal(tuned_sd["first_stage_model." + k], v) for k, v in adapted.items())
+    assert any(not torch.equal(v, base_sd["first_stage_model." + k]) for k, v in adapted.items()
+               if k.startswith("decoder."))
+    assert 0 <= metrics["results"]["after"]["first_stage_subject_share"] <= 1
     unet = [k for k in base_sd if k.startswith("model.diffusion_model.")]
     assert any(not torch.equal(tuned_sd[k], base_sd["model_ema." + shadow_name(k[len("model."):])]) for k in unet)
     assert (out / "grid.png").is_file()
