@@ -95,6 +95,30 @@ def test_training_loss_from_the_cache_equals_encoding_on_the_fly(model_and_ckpt,
     assert not torch.allclose(model.shared_step(cached)[0], losses[0])
 
 
+def test_a_spatial_condition_trains_from_the_cache_as_on_the_fly(model_and_ckpt, cache):
+    """Concat conditioning on a map that the batch carries (as super-resolution's LR_image): a cached batch holds
+    no image, and its map must still reach the model's device and give the on-the-fly loss."""
+    config = OmegaConf.load(STAGE2).model
+    config.params.update(cond_stage_key="lr_map", conditioning_key="concat", cond_stage_trainable=False,
+                         ucg_rate=0.0, cond_stage_config={"target": "torch.nn.Identity"})
+    config.params.unet_config.params.update(in_channels=2 + 3, context_dim=None, use_spatial_transformer=False)
+    model = instantiate_from_config(config)
+    model.first_stage_model.load_state_dict(model_and_ckpt[0].first_stage_model.state_dict())
+    with torch.no_grad():  # a non-zero output layer, so that the loss depends on the UNet's inputs
+        model.model.diffusion_model.out[2].weight.normal_(0, 0.05)
+    model.train()
+    lr_map = torch.rand(4, 8, 8, 3, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    images = default_collate(validation_images(4)) | {"lr_map": lr_map}
+    cached = default_collate([LatentCacheDataset(cache)[i] for i in range(4)]) | {"lr_map": lr_map}
+    losses = []
+    for batch in (images, cached):
+        torch.manual_seed(7)
+        losses.append(model.shared_step(batch)[0])
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    torch.manual_seed(7)  # the map is really an input: another map, another loss
+    assert not torch.allclose(model.shared_step(cached | {"lr_map": -lr_map})[0], losses[0])
+
+
 def test_a_cache_of_another_first_stage_is_refused(model_and_ckpt, cache, tmp_path):
     model, ckpt = model_and_ckpt
     other = instantiate_from_config(OmegaConf.load(STAGE2).model)  # another random first stage

@@ -213,9 +213,10 @@ class ConditionBuilder:
         self.class_conditional = n_classes is not None or cond_stage_key == "class_label"
         self.concat_mask_key = concat_mask_key
 
-    def raw(self, batch: Mapping[str, Any], image: torch.Tensor, cond_key: str | None = None) -> Any:
+    def raw(self, batch: Mapping[str, Any], image: torch.Tensor | None, device: torch.device,
+            cond_key: str | None = None) -> Any:
         """The raw condition of a batch: captions/boxes as given, the batch for class labels, else an image
-        [N x C x H x W] (`image`, the model input, when the key is the first stage's)."""
+        [N x C x H x W] on `device` (`image`, the model input, when the key is the first stage's)."""
         cond_key = cond_key or self.cond_stage_key
         if cond_key == self.first_stage_key:
             return image
@@ -227,7 +228,7 @@ class ConditionBuilder:
         value = batch[cond_key]
         if cond_key in RAW_COND_KEYS or is_text(value):
             return value
-        return batch_tensor(batch, cond_key).to(image.device)
+        return batch_tensor(batch, cond_key).to(device)
 
     def drop(self, xc: Any, device: torch.device | None = None) -> Any:
         """`xc` with each example replaced by its null condition with probability ``ucg_rate``."""

@@ -257,7 +257,7 @@ class LatentDiffusion(DiffusionModule):
             x = self.decode_first_stage(z)  # cached batches hold no images: their latents' decoding stands in
         c = xc = None
         if self.conditional:
-            xc = self.conditions.raw(batch, x, cond_key)
+            xc = self.conditions.raw(batch, x, self.device, cond_key)
             if cond_dropout:
                 xc = self.conditions.drop(xc, self.device)
             c = self.get_learned_conditioning(xc) if (not self.cond_stage_trainable or force_c_encode) else xc
