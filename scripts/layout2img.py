@@ -42,6 +42,8 @@ from ldm.inference import (
 from ldm.models.diffusion.image_logging import layout_images
 from ldm.models.diffusion.sampling import sample
 
+OVERLAY_SIDE = 128  # the overlay grid draws layouts on samples enlarged to at least this side
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,10 +111,22 @@ def main(argv: list[str] | None = None) -> None:
                 drawn.append(to_uint8(layout_images(batch, tokenizer, pictures.shape[1:3], names)))
     pairs = np.stack([np.concatenate(drawn), np.concatenate(images)], axis=1).reshape(-1, *images[0].shape[1:])
     grid = save_grid(pairs, opt.outdir, 2 * min(4, len(pairs) // 2))
+    over = overlay_grid(np.concatenate(images), tokens.repeat(opt.n_iter, 1), tokenizer, names, opt.outdir)
     print(f"{len(pairs) // 2} samples of {len(image_ids)} layouts ({h}x{w} latents) in "
-          f"{Path(opt.outdir) / 'samples'}; layouts beside samples in {grid}")
+          f"{Path(opt.outdir) / 'samples'}; layouts beside samples in {grid}, over them in {over}")
     if opt.agreement:
         report_agreement(np.concatenate(images), tokens.repeat(opt.n_iter, 1), tokenizer, opt)
+
+
+def overlay_grid(pictures: np.ndarray, tokens: torch.Tensor, tokenizer: LayoutTokenizer, names: list[str],
+                 outdir: str | Path) -> Path:
+    """``OUTDIR/layouts/grid-NNNN.png``: the layouts drawn over their [N x H x W x 3] uint8 `pictures`, which are
+    enlarged (nearest neighbour) to at least ``OVERLAY_SIDE`` pixels first so that the class names stay legible."""
+    images = torch.from_numpy(pictures).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    factor = max(1, -(-OVERLAY_SIDE // min(pictures.shape[1:3])))
+    images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
+    drawn = layout_images(tokens, tokenizer, images.shape[2:], names, images=images)
+    return save_grid(to_uint8(drawn), Path(outdir) / "layouts", min(8, len(drawn)))
 
 
 def report_agreement(pictures: np.ndarray, tokens: torch.Tensor, tokenizer: LayoutTokenizer,

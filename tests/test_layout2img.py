@@ -142,6 +142,16 @@ def test_layout2img_measures_how_well_samples_follow_the_layouts_of_a_coco_file(
     images = torch.stack([torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1) for p in samples])
     own, other = own_and_other_agreement(images.float() / 127.5 - 1, layouts, seed=4)
     assert (result["own_iou"], result["other_iou"]) == pytest.approx((own, other))
+    # the overlay grid: samples enlarged 4x to 128 pixels (3 tiles in a row, 2 pixels apart), each with its box
+    (grid,) = (out / "layouts").glob("grid-*.png")
+    grid = np.array(Image.open(grid))
+    assert grid.shape == (2 + 130, 2 + 3 * 130, 3)
+    first = json.loads(annotations.read_text())["annotations"][0]
+    x0, y0, x1, y1 = layouts[0].boxes[0].tolist()
+    assert tuple(grid[2 + int((y0 + y1) / 2 * 128), 2 + int(x0 * 128)]) == class_colour(first["category_id"])
+    enlarged = images[0].repeat_interleave(4, dim=1).repeat_interleave(4, dim=2)
+    same = (torch.from_numpy(grid[2:130, 2:130]).permute(2, 0, 1) == enlarged).all(dim=0).float().mean()
+    assert 0.7 < same < 1.0  # the enlarged sample, but for the box and its label
 
 
 def test_the_emoji_layout_config_builds_with_a_tokenizer_matching_its_data(tmp_path):
