@@ -11,8 +11,8 @@ in [0, 1]; classes are named by ``category`` (a class name of the model) or by `
 
     python scripts/layout2img.py --layout layout.json --config layout.yaml --ckpt model.ckpt --class_names names.txt
 
-Writes ``OUTDIR/samples/NNNNN.png``, ``OUTDIR/layouts/samples/NNNNN.png`` (the layout drawn over the sample) and a grid
-of layouts beside their samples. A box outside [0, 1] or an unknown class name is an error naming the file and
+Writes ``OUTDIR/samples/NNNNN.png``, ``OUTDIR/layouts/samples/NNNNN.png`` (the layout drawn over the sample), a grid
+of layouts beside their samples and ``OUTDIR/layouts/grid-NNNN.png`` (the layouts over the samples, enlarged). A box outside [0, 1] or an unknown class name is an error naming the file and
 the entry.
 
 How well a model on white-ground pictures (the emoji layout set of ``ldm.data.emoji_layout``) follows layouts:
