@@ -11,18 +11,28 @@ in [0, 1]; classes are named by ``category`` (a class name of the model) or by `
 
     python scripts/layout2img.py --layout layout.json --config layout.yaml --ckpt model.ckpt --class_names names.txt
 
-Writes ``OUTDIR/samples/NNNNN.png``, ``OUTDIR/layouts/samples/NNNNN.png`` (the layout drawn over the sample) and a grid
-of layouts beside their samples. A box outside [0, 1] or an unknown class name is an error naming the file and
+Writes ``OUTDIR/samples/NNNNN.png``, ``OUTDIR/layouts/samples/NNNNN.png`` (the layout drawn over the sample), a grid
+of layouts beside their samples and ``OUTDIR/layouts/grid-NNNN.png`` (the layouts over the samples, enlarged). A box outside [0, 1] or an unknown class name is an error naming the file and
 the entry.
+
+How well a model on white-ground pictures (the emoji layout set of ``ldm.data.emoji_layout``) follows layouts:
+sample the layouts of its validation set (a COCO instance file, boxes in pixels) and compare the foreground with
+the own layouts and with other pictures' layouts (``--agreement`` prints both and writes
+``OUTDIR/agreement.json``)::
+
+    python scripts/layout2img.py --run logs/<run> --layout data/emoji_layout/val/instances.json --pixel_boxes \
+        --max_layouts 32 --n_samples 32 --scale 3 --steps 25 --seed 0 --agreement
 """
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ldm.data.emoji_layout import own_and_other_agreement
 from ldm.data.layout import LayoutTokenizer
 from ldm.data.layout_json import encode_layout_file, read_class_names
 from ldm.inference import (
@@ -32,12 +42,20 @@ from ldm.inference import (
 from ldm.models.diffusion.image_logging import layout_images
 from ldm.models.diffusion.sampling import sample
 
+OVERLAY_SIDE = 128  # the overlay grid draws layouts on samples enlarged to at least this side
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layout", required=True, help="COCO-style JSON with boxes as fractions in [0, 1]")
+    parser.add_argument("--layout", required=True, help="COCO-style JSON with boxes as fractions in [0, 1] (pixels with --pixel_boxes)")
     parser.add_argument("--class_names", default=None,
                         help="the model's classes, one per line (default: the model's layout_tokenizer.class_names)")
+    parser.add_argument("--pixel_boxes", action="store_true",
+                        help="the file's boxes are pixels of each image's width and height (a COCO instance file)")
+    parser.add_argument("--max_layouts", type=int, default=None, help="sample only the first N layouts of the file")
+    parser.add_argument("--agreement", action="store_true",
+                        help="measure how well the samples follow their layouts (pictures on a white ground): "
+                             "foreground-box IoU with the own layouts against other pictures' layouts")
     add_sampling_arguments(parser, outdir="outputs/layout2img", config=None, ckpt=None, scale=1.0)
     return parser.parse_args(argv)
 
@@ -67,8 +85,11 @@ def main(argv: list[str] | None = None) -> None:
     if getattr(model, "layout_tokenizer", None) is None:
         raise ValueError(f"{opt.config} is not a layout model (cond_stage_key is "
                          f"'{getattr(model, 'cond_stage_key', None)}', not 'coordinates_bbox')")
+    if opt.max_layouts is not None and opt.max_layouts < 1:
+        raise ValueError(f"--max_layouts must be at least 1, got {opt.max_layouts}")
     tokenizer, names = layout_classes(model, opt)
-    tokens, image_ids = encode_layout_file(opt.layout, tokenizer, names)
+    tokens, image_ids = encode_layout_file(opt.layout, tokenizer, names, normalized=not opt.pixel_boxes)
+    tokens, image_ids = tokens[:opt.max_layouts], image_ids[:opt.max_layouts]
     seed_everything(opt.seed)
     options = sampling_options(opt)
     h, w = model.latent_shape(1)[2:]
@@ -90,8 +111,38 @@ def main(argv: list[str] | None = None) -> None:
                 drawn.append(to_uint8(layout_images(batch, tokenizer, pictures.shape[1:3], names)))
     pairs = np.stack([np.concatenate(drawn), np.concatenate(images)], axis=1).reshape(-1, *images[0].shape[1:])
     grid = save_grid(pairs, opt.outdir, 2 * min(4, len(pairs) // 2))
+    over = overlay_grid(np.concatenate(images), tokens.repeat(opt.n_iter, 1), tokenizer, names, opt.outdir)
     print(f"{len(pairs) // 2} samples of {len(image_ids)} layouts ({h}x{w} latents) in "
-          f"{Path(opt.outdir) / 'samples'}; layouts beside samples in {grid}")
+          f"{Path(opt.outdir) / 'samples'}; layouts beside samples in {grid}, over them in {over}")
+    if opt.agreement:
+        report_agreement(np.concatenate(images), tokens.repeat(opt.n_iter, 1), tokenizer, opt)
+
+
+def overlay_grid(pictures: np.ndarray, tokens: torch.Tensor, tokenizer: LayoutTokenizer, names: list[str],
+                 outdir: str | Path) -> Path:
+    """``OUTDIR/layouts/grid-NNNN.png``: the layouts drawn over their [N x H x W x 3] uint8 `pictures`, which are
+    enlarged (nearest neighbour) to at least ``OVERLAY_SIDE`` pixels first so that the class names stay legible."""
+    images = torch.from_numpy(pictures).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    factor = max(1, -(-OVERLAY_SIDE // min(pictures.shape[1:3])))
+    images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
+    drawn = layout_images(tokens, tokenizer, images.shape[2:], names, images=images)
+    return save_grid(to_uint8(drawn), Path(outdir) / "layouts", min(8, len(drawn)))
+
+
+def report_agreement(pictures: np.ndarray, tokens: torch.Tensor, tokenizer: LayoutTokenizer,
+                     opt: argparse.Namespace) -> None:
+    """Prints and writes ``OUTDIR/agreement.json``: the mean foreground-box IoU of the [N x H x W x 3] uint8
+    `pictures` with their own layouts (`tokens`, [N x seq_len]) and with other pictures' layouts."""
+    images = torch.from_numpy(pictures).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    layouts = [layout.in_crop_frame() for layout in tokenizer.decode(tokens)]
+    own, other = own_and_other_agreement(images, layouts, seed=opt.seed)
+    result = {"own_iou": own, "other_iou": other, "samples": len(layouts), "layout_file": str(opt.layout),
+              "config": str(opt.config), "ckpt": str(opt.ckpt), "scale": opt.scale, "steps": opt.ddim_steps,
+              "sampler": str(opt.sampler), "seed": opt.seed}
+    path = Path(opt.outdir) / "agreement.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"foreground-box IoU of {len(layouts)} samples: {own:.3f} with their own layouts, {other:.3f} with "
+          f"other layouts ({path})")
 
 
 if __name__ == "__main__":

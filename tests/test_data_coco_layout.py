@@ -237,6 +237,29 @@ def test_layout_agreement_is_high_for_the_true_layouts_and_low_for_others(emoji_
     assert layout_agreement(blank, [layouts[0]]) == 0.0
 
 
+def test_own_and_other_agreement_compares_each_picture_with_another_pictures_layout(emoji_set):
+    from ldm.data.emoji_layout import layout_agreement, other_layouts, own_and_other_agreement
+
+    ds = CocoLayoutDataset(emoji_set, emoji_set.parent, size=48, max_objects=3)
+    images = torch.stack([torch.from_numpy(ds[i]["image"]).permute(2, 0, 1) for i in range(len(ds))])
+    layouts = [ds.tokenizer.decode(ds[i]["coordinates_bbox"]) for i in range(len(ds))]
+    others = other_layouts(layouts, seed=5)
+    # a derangement: every layout is handed to exactly one other picture
+    picks = [next(j for j, layout in enumerate(layouts) if layout is other) for other in others]
+    assert sorted(picks) == list(range(len(layouts))) and all(j != i for i, j in enumerate(picks))
+    assert [id(x) for x in other_layouts(layouts, seed=5)] == [id(x) for x in others]  # the same for a seed
+    own, other = own_and_other_agreement(images, layouts, seed=5)
+    assert own == pytest.approx(float(layout_agreement(images, layouts).mean()))
+    assert other == pytest.approx(float(layout_agreement(images, others).mean()))
+    assert own > 0.6 and other < 0.3 and own > 3 * other  # the true pictures follow their layouts
+    # pictures that ignore their layouts (each shows another picture's objects) score no better with their own
+    ignoring = images.roll(1, dims=0)
+    own_i, other_i = own_and_other_agreement(ignoring, layouts, seed=5)
+    assert own_i < 0.3 and other_i < 0.3
+    with pytest.raises(ValueError, match="at least 2 layouts"):
+        other_layouts(layouts[:1])
+
+
 def test_a_hand_written_layout_file_becomes_model_tokens(tmp_path):
     from ldm.data.layout import LayoutTokenizer
     from ldm.data.layout_json import encode_layout_file

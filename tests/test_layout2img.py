@@ -121,6 +121,39 @@ def test_layout2img_samples_every_layout_and_names_bad_entries(checkpoint, tmp_p
         script.main([*args, "--layout", str(unknown)])
 
 
+def test_layout2img_measures_how_well_samples_follow_the_layouts_of_a_coco_file(checkpoint, tmp_path):
+    from ldm.data.emoji_layout import make_emoji_layout_set, own_and_other_agreement
+    from ldm.data.layout import LayoutTokenizer
+    from tests.test_scripts_sampling import load_script
+    script = load_script("layout2img")
+    annotations = make_emoji_layout_set(tmp_path / "val", num_images=4, size=32, objects=(1, 1), seed=1)
+    out = tmp_path / "out"
+    script.main(["--config", str(CONFIG), "--ckpt", str(checkpoint), "--steps", "2", "--n_samples", "3",
+                 "--layout", str(annotations), "--pixel_boxes", "--max_layouts", "3", "--agreement", "--seed", "4",
+                 "--outdir", str(out)])
+    result = json.loads((out / "agreement.json").read_text())
+    samples = sorted((out / "samples").glob("*.png"))
+    assert result["samples"] == len(samples) == 3
+    # the numbers are those of the saved samples against the file's first 3 boxes (pixels -> fractions of 32)
+    boxes = [a["bbox"] for a in json.loads(annotations.read_text())["annotations"][:3]]
+    tokenizer = LayoutTokenizer(4, vocab_size=8192, max_objects=3, use_group_flag=False)
+    layouts = [tokenizer.decode(tokenizer.encode(torch.tensor([[x / 32, y / 32, (x + w) / 32, (y + h) / 32]]),
+                                                 [0])) for x, y, w, h in boxes]
+    images = torch.stack([torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1) for p in samples])
+    own, other = own_and_other_agreement(images.float() / 127.5 - 1, layouts, seed=4)
+    assert (result["own_iou"], result["other_iou"]) == pytest.approx((own, other))
+    # the overlay grid: samples enlarged 4x to 128 pixels (3 tiles in a row, 2 pixels apart), each with its box
+    (grid,) = (out / "layouts").glob("grid-*.png")
+    grid = np.array(Image.open(grid))
+    assert grid.shape == (2 + 130, 2 + 3 * 130, 3)
+    first = json.loads(annotations.read_text())["annotations"][0]
+    x0, y0, x1, y1 = layouts[0].boxes[0].tolist()
+    assert tuple(grid[2 + int((y0 + y1) / 2 * 128), 2 + int(x0 * 128)]) == class_colour(first["category_id"])
+    enlarged = images[0].repeat_interleave(4, dim=1).repeat_interleave(4, dim=2)
+    same = (torch.from_numpy(grid[2:130, 2:130]).permute(2, 0, 1) == enlarged).all(dim=0).float().mean()
+    assert 0.7 < same < 1.0  # the enlarged sample, but for the box and its label
+
+
 def test_the_emoji_layout_config_builds_with_a_tokenizer_matching_its_data(tmp_path):
     """configs/layout/layout2img-emoji-tiny.yaml: the model's layout tokenizer reads the tokens its data set makes
     (same vocabulary, sequence length and classes), and the conditioner takes sequences of that length."""

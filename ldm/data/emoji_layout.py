@@ -135,6 +135,37 @@ def layout_agreement(images: torch.Tensor, layouts: Sequence[Layout], background
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
+def other_layouts(layouts: Sequence[Layout], seed: int = 0) -> list[Layout]:
+    """The layouts handed round: picture i gets the layout of another picture (a random derangement, the same for
+    a seed), the baseline that :func:`own_and_other_agreement` compares against.
+
+    :raises ValueError: for fewer than 2 layouts.
+    """
+    if len(layouts) < 2:
+        raise ValueError(f"other_layouts needs at least 2 layouts, got {len(layouts)}")
+    order = np.random.default_rng(seed).permutation(len(layouts))
+    others: list[Layout] = list(layouts)
+    for position, index in enumerate(order):  # a cycle through a random order: nobody keeps their own
+        others[index] = layouts[order[(position + 1) % len(order)]]
+    return others
+
+
+def own_and_other_agreement(images: torch.Tensor, layouts: Sequence[Layout], seed: int = 0,
+                            background: Sequence[int] = (255, 255, 255),
+                            threshold: float = 0.1) -> tuple[float, float]:
+    """Whether pictures follow their layouts rather than just looking like layout pictures: the mean
+    :func:`layout_agreement` with their own layouts and with other pictures' layouts (:func:`other_layouts`).
+    Pictures that ignore their layouts score about the same on both.
+
+    :param images: an [N x 3 x H x W] Tensor in [-1, 1], N >= 2.
+    :param layouts: their N layouts.
+    :return: (mean IoU with the own layouts, mean IoU with the other layouts).
+    """
+    own = layout_agreement(images, layouts, background, threshold)
+    other = layout_agreement(images, other_layouts(layouts, seed), background, threshold)
+    return float(own.mean()), float(other.mean())
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description="Write a tiny emoji layout dataset (images + COCO-style JSON).")
     parser.add_argument("root", help="output folder")
@@ -142,11 +173,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--max-classes", type=int, default=4)
     parser.add_argument("--max-objects", type=int, default=3)
+    parser.add_argument("--box-fraction", type=float, nargs=2, default=(0.3, 0.5), metavar=("SMALLEST", "LARGEST"),
+                        help="side of an emoji as a fraction of the image side")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     return make_emoji_layout_set(args.root, num_images=args.num_images, size=args.size, max_classes=args.max_classes,
-                                 objects=(1, args.max_objects), seed=args.seed)
+                                 objects=(1, args.max_objects), box_fraction=tuple(args.box_fraction),
+                                 seed=args.seed)
 
 
 if __name__ == "__main__":
