@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--flops", action="store_true", help="achieved TFLOP/s and the share of the device's peak")
     p.add_argument("--breakdown", action="store_true", help="profile one call of each kind: the share of its time "
                    "in matmul/convolution/attention kernels and the most that fusing the rest could gain")
+    p.add_argument("--reverse", action="store_true", help="build and run the subjects in the reverse order "
+                   "(diffusers first): the check that a difference is not an effect of the order")
     p.add_argument("--isolate", action="store_true", help="build each subject anew in each round and free it "
                    "after (one subject in memory at a time; automatic when two would not fit)")
     p.add_argument("--device", default=None, help="default: cuda, then mps, then cpu")
@@ -213,7 +215,7 @@ def build_ours(config: Any, options: Options, w: Workload, args: argparse.Namesp
             flop_steps.update(first_stage_steps(encode, first_stage.decode, w, z))
         apply_performance_options(first_stage, {"channels_last": options.channels_last, "compile": options.compile})
         steps.update(first_stage_steps(encode, first_stage.decode, w, z))
-        counts["first_stage"] = sum(p.numel() for n, p in first_stage.named_parameters() if not n.startswith("loss."))
+        counts["first_stage"] = our_param_counts(config)["first_stage"]
     return Built(counts, steps, flop_steps, lambda: held_bytes(unet, opt, w))
 
 
@@ -366,7 +368,20 @@ def subjects_of(args: argparse.Namespace) -> list[tuple[str, Options]]:
     if args.compare:
         variants.append(dataclasses.replace(base, **{args.compare.replace("-", "_"): True}))
     implementations = ["ours"] + (["diffusers"] if args.vs else [])
-    return [(f"{impl}{v.label()}", v) for impl in implementations for v in variants]
+    subjects = [(f"{impl}{v.label()}", v) for impl in implementations for v in variants]
+    return subjects[::-1] if args.reverse else subjects
+
+
+def our_param_counts(config: Any) -> dict[str, int]:
+    """The parameter counts of our UNet and first stage (without the loss), built on the meta device."""
+    params = config.model.params
+    with torch.device("meta"):
+        counts = {"unet": count_params(instantiate_from_config(params.unet_config))}
+        if "ddconfig" in params.first_stage_config.get("params", {}):
+            first_stage = instantiate_from_config(params.first_stage_config)
+            counts["first_stage"] = sum(p.numel() for n, p in first_stage.named_parameters()
+                                        if not n.startswith("loss."))
+    return counts
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -381,16 +396,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         kinds = [k for k in kinds if k not in ("encode", "decode")]
     subjects = subjects_of(args)
     records: dict[str, dict[str, Any]] = {name: {"timings": {k: [] for k in kinds}} for name, _ in subjects}
-    ours_params: dict[str, int] = {}
+    ours_params = our_param_counts(config) if args.vs else {}
 
     def build(name: str, options: Options) -> Built:
         if options.cache or args.compare == "cache":
             return build_stage_two(config, options, w, args)
         if name.startswith("diffusers"):
             return build_diffusers(config, options, w, args, kinds, ours_params)
-        built = build_ours(config, options, w, args, kinds)
-        ours_params.update(built.params)
-        return built
+        return build_ours(config, options, w, args, kinds)
 
     def prepare(name: str, options: Options) -> Built:
         progress(f"building and warming up {name}")
