@@ -215,7 +215,7 @@ def build_ours(config: Any, options: Options, w: Workload, args: argparse.Namesp
             flop_steps.update(first_stage_steps(encode, first_stage.decode, w, z))
         apply_performance_options(first_stage, {"channels_last": options.channels_last, "compile": options.compile})
         steps.update(first_stage_steps(encode, first_stage.decode, w, z))
-        counts["first_stage"] = our_param_counts(config)["first_stage"]
+        counts["first_stage"] = first_stage_param_count(first_stage)
     return Built(counts, steps, flop_steps, lambda: held_bytes(unet, opt, w))
 
 
@@ -372,15 +372,18 @@ def subjects_of(args: argparse.Namespace) -> list[tuple[str, Options]]:
     return subjects[::-1] if args.reverse else subjects
 
 
+def first_stage_param_count(first_stage: torch.nn.Module) -> int:
+    """Parameters of a first stage without its training loss (LPIPS, discriminator), which sampling never uses."""
+    return sum(p.numel() for n, p in first_stage.named_parameters() if not n.startswith("loss."))
+
+
 def our_param_counts(config: Any) -> dict[str, int]:
     """The parameter counts of our UNet and first stage (without the loss), built on the meta device."""
     params = config.model.params
     with torch.device("meta"):
         counts = {"unet": count_params(instantiate_from_config(params.unet_config))}
         if "ddconfig" in params.first_stage_config.get("params", {}):
-            first_stage = instantiate_from_config(params.first_stage_config)
-            counts["first_stage"] = sum(p.numel() for n, p in first_stage.named_parameters()
-                                        if not n.startswith("loss."))
+            counts["first_stage"] = first_stage_param_count(instantiate_from_config(params.first_stage_config))
     return counts
 
 
