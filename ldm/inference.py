@@ -14,13 +14,15 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
 
 from ldm.checkpoint import CheckpointError, load_state_dict
 from ldm.data.base import UnusableImage, open_image, to_model_image
 from ldm.models.autoencoder import allow_missing_checkpoints
 from ldm.models.diffusion.guidance import Conditioning
-from ldm.models.diffusion.sampling import Precision, SamplerKind, SamplingOptions, SigmaSchedule, autocast
+from ldm.models.diffusion.sampling import (Precision, SamplerKind, SamplingOptions, SigmaSchedule, autocast,
+                                          sample)
 from ldm.runs import CheckpointChoice, resolve_run_folder
 from ldm.util import ConfigError, config_source, instantiate_from_config
 
@@ -169,6 +171,25 @@ def save_grid(images: np.ndarray, outdir: str | Path, n_rows: int | None = None)
     return path
 
 
+def labelled_grid(images: np.ndarray, labels: Sequence[str], per_row: int, zoom: int = 2) -> Image.Image:
+    """One row per label: the label, then `per_row` images ([N x H x W x 3] uint8, label-major), zoomed."""
+    if len(images) != len(labels) * per_row:
+        raise ValueError(f"{len(images)} images for {len(labels)} labels of {per_row} each")
+    h, w = images.shape[1:3]
+    cell, pad = (w * zoom, h * zoom), 2
+    font = ImageFont.load_default(size=14)
+    text_w = 12 + int(max(font.getlength(label) for label in labels))
+    grid = Image.new("RGB", (text_w + per_row * (cell[0] + pad), len(labels) * (cell[1] + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, label in enumerate(labels):
+        y = r * (cell[1] + pad)
+        draw.text((6, y + cell[1] // 2), label, fill="black", font=font, anchor="lm")
+        for c in range(per_row):
+            tile = Image.fromarray(images[r * per_row + c]).resize(cell, Image.Resampling.NEAREST)
+            grid.paste(tile, (text_w + c * (cell[0] + pad), y))
+    return grid
+
+
 @contextlib.contextmanager
 def ema_weights(model: Any) -> Iterator[None]:
     """The model's EMA weights while inside (a no-op for models without ``ema_scope``)."""
@@ -285,6 +306,28 @@ def text_conditioning(model: Any, prompts: Sequence[str], negative_prompt: str =
     if negative_prompt:
         return c, model.get_learned_conditioning([negative_prompt] * len(prompts))
     return c, model.get_unconditional_conditioning(len(prompts))
+
+
+@torch.no_grad()
+def sample_prompts(model: Any, prompts: Sequence[str], per_prompt: int, *, steps: int = 25, scale: float = 3.0,
+                   seed: int = 0, batch_size: int = 64, desc: str = "sampling") -> torch.Tensor:
+    """`per_prompt` images of each prompt from a text model's EMA weights (DDIM, classifier-free guidance):
+    [len(prompts) * per_prompt x 3 x H x W] in [-1, 1] on the CPU, prompt-major; the initial noise comes from a
+    generator seeded with `seed`, batch after batch."""
+    device = model_device(model)
+    gen = torch.Generator().manual_seed(seed)
+    wanted = [p for p in prompts for _ in range(per_prompt)]
+    options = SamplingOptions(sampler="ddim", steps=steps, precision="autocast")
+    images = []
+    for i in tqdm(range(0, len(wanted), batch_size), desc=desc, unit="batch", leave=False):
+        chunk = wanted[i:i + batch_size]
+        shape = model.latent_shape(len(chunk))
+        x_T = torch.randn(shape, generator=gen).to(device)
+        with ema_weights(model):
+            cond, uncond = text_conditioning(model, chunk, scale=scale)
+            z = sample(model, shape, cond, uncond=uncond, scale=scale, options=options, x_T=x_T).samples
+            images.append(model.decode_first_stage(z).float().clamp(-1, 1).cpu())
+    return torch.cat(images)
 
 
 def null_class(model: Any) -> int:

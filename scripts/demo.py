@@ -34,17 +34,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image, ImageDraw, ImageFont
-from tqdm.auto import tqdm
 
 from ldm.checkpoint import load_checkpoint
 from ldm.data.emoji import EmojiDataset
 from ldm.evaluation.classifier import conditional_accuracy, train_classifier
 from ldm.evaluation.fid import compute_fid
 from ldm.evaluation.inception import load_extractor
-from ldm.inference import get_device, load_model, text_conditioning, to_uint8
+from ldm.inference import get_device, labelled_grid, load_model, sample_prompts, to_uint8
 from ldm.known_warnings import silence_known_warnings
-from ldm.models.diffusion.sampling import SamplingOptions, sample
 from ldm.runs import project_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,42 +164,6 @@ def stage_two_data(args: argparse.Namespace) -> DictConfig:
 
 
 @torch.no_grad()
-def sample_prompts(model, prompts: list[str], per_prompt: int, args: argparse.Namespace, seed: int,
-                   batch_size: int = 64, desc: str = "sampling") -> torch.Tensor:
-    """Images for each prompt: [len(prompts) * per_prompt x 3 x H x W] in [-1, 1], prompt-major."""
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    wanted = [p for p in prompts for _ in range(per_prompt)]
-    options = SamplingOptions(sampler="ddim", steps=args.steps, precision="autocast")
-    images = []
-    for i in tqdm(range(0, len(wanted), batch_size), desc=desc, unit="batch", leave=False):
-        chunk = wanted[i:i + batch_size]
-        shape = model.latent_shape(len(chunk))
-        x_T = torch.randn(shape, generator=gen).to(device)
-        with model.ema_scope():
-            cond, uncond = text_conditioning(model, chunk, scale=args.scale)
-            z = sample(model, shape, cond, uncond=uncond, scale=args.scale, options=options, x_T=x_T).samples
-            images.append(model.decode_first_stage(z).float().clamp(-1, 1).cpu())
-    return torch.cat(images)
-
-
-def labelled_grid(images: np.ndarray, labels: list[str], per_row: int, zoom: int = 2) -> Image.Image:
-    """One row per label: the label, then `per_row` images ([N x H x W x 3] uint8, label-major), zoomed."""
-    h, w = images.shape[1:3]
-    cell, pad = (h * zoom, w * zoom), 2
-    font = ImageFont.load_default(size=14)
-    text_w = 12 + int(max(font.getlength(label) for label in labels))
-    grid = Image.new("RGB", (text_w + per_row * (cell[0] + pad), len(labels) * (cell[1] + pad)), "white")
-    draw = ImageDraw.Draw(grid)
-    for r, label in enumerate(labels):
-        y = r * (cell[1] + pad)
-        draw.text((6, y + cell[1] // 2), label, fill="black", font=font, anchor="lm")
-        for c in range(per_row):
-            tile = Image.fromarray(images[r * per_row + c]).resize(cell, Image.Resampling.NEAREST)
-            grid.paste(tile, (text_w + c * (cell[0] + pad), y))
-    return grid
-
-
 def real_renders(data: DictConfig, split: str, n_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Renders of every class of stage two's data, for another split: ([N x 3 x H x W] in [-1, 1], [N] labels)."""
     params = dict(OmegaConf.to_container(data))
@@ -304,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts = list(EmojiDataset(**{**OmegaConf.to_container(data), "split": "test", "repeats": 1}).captions)
     per_class = args.eval_per_class
     labels = torch.arange(len(prompts)).repeat_interleave(per_class)
-    trained = sample_prompts(model, prompts, per_class, args, seed=args.seed + 1, desc="sampling")
+    trained = sample_prompts(model, prompts, per_class, steps=args.steps, scale=args.scale,
+                             seed=args.seed + 1)
     # the grid shows the first evaluated samples of each prompt
     columns = trained.view(len(prompts), per_class, *trained.shape[1:])[:, :args.samples_per_prompt]
     grid_path = outdir / "samples_grid.png"
@@ -312,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     sets = {"trained": (trained, labels)}
     if args.baselines:
         untrained = load_model(config, None, device=device)
-        sets["untrained"] = (sample_prompts(untrained, prompts, per_class, args, seed=args.seed + 1,
-                                            desc="sampling (untrained)"), labels)
+        sets["untrained"] = (sample_prompts(untrained, prompts, per_class, steps=args.steps,
+                                            scale=args.scale, seed=args.seed + 1, desc="sampling (untrained)"), labels)
         sets["real"] = real_renders(data, "validation", per_class)
     t = lap("sampling", t)
 

@@ -40,18 +40,15 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/demo.py's sampling and grid helpers
-
-from demo import labelled_grid, sample_prompts  # noqa: E402
-from ldm.checkpoint import load_state_dict, save_checkpoint  # noqa: E402
-from ldm.data.emoji import EmojiDataset  # noqa: E402
-from ldm.data.folder import ImageFolderDataset  # noqa: E402
-from ldm.data.latent_cache import LatentCacheDataset, read_manifest  # noqa: E402
-from ldm.evaluation.classifier import conditional_accuracy, predict, train_classifier  # noqa: E402
-from ldm.finetune.decoder import adapt_decoder  # noqa: E402
-from ldm.finetune.lora import load_lora_for_sampling  # noqa: E402
-from ldm.inference import load_model, to_uint8  # noqa: E402
-from ldm.runs import project_config  # noqa: E402
+from ldm.checkpoint import load_state_dict, save_checkpoint
+from ldm.data.emoji import EmojiDataset
+from ldm.data.folder import ImageFolderDataset
+from ldm.data.latent_cache import LatentCacheDataset, read_manifest
+from ldm.evaluation.classifier import conditional_accuracy, predict, train_classifier
+from ldm.finetune.decoder import adapt_decoder
+from ldm.finetune.lora import load_lora_for_sampling
+from ldm.inference import labelled_grid, load_model, sample_prompts, to_uint8
+from ldm.runs import project_config
 
 REPO = Path(__file__).resolve().parents[1]
 CANDIDATES = ("sks", "xiv", "qu", "wren", "zed", "olm", "vik", "tal")
@@ -240,8 +237,8 @@ def evaluate(model, token: str, prompts: list[str], classifier, subject: torch.T
     show at best); also returns its samples."""
     n = args.eval_per_prompt
     reconstructed = model.decode_first_stage(model.get_first_stage_encoding(model.encode_first_stage(subject)))
-    mine = sample_prompts(model, [token], n, args, seed=args.seed + 1)
-    others = sample_prompts(model, prompts, n, args, seed=args.seed + 2)
+    mine = sample_prompts(model, [token], n, steps=args.steps, scale=args.scale, seed=args.seed + 1)
+    others = sample_prompts(model, prompts, n, steps=args.steps, scale=args.scale, seed=args.seed + 2)
     subject_class = len(prompts)
     labels = torch.arange(len(prompts)).repeat_interleave(n)
     nearest = torch.cdist(mine.flatten(1), subject.flatten(1)).min(dim=1).values / mine[0].numel() ** 0.5
@@ -271,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("reusing the instance and prior images in %s (--new-data writes them again)", outdir / "data")
     else:
         instances = subject_renders(config, args.subject, "train", args.instances)
-        priors = sample_prompts(base, prompts, args.prior_per_prompt, args, seed=args.seed)
+        priors = sample_prompts(base, prompts, args.prior_per_prompt, steps=args.steps, scale=args.scale,
+                                seed=args.seed)
         write_data(outdir / "data", token, instances, priors, prompts, args.prior_per_prompt)
     timings["data_s"] = round(time.time() - t0, 1)
 

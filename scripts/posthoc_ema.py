@@ -21,13 +21,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ldm.checkpoint import load_state_dict, save_checkpoint  # noqa: E402
-from ldm.posthoc_ema import (DEFAULT_MAX_ERROR, apply_to_state_dict, list_snapshots,  # noqa: E402
+from ldm.checkpoint import load_state_dict, save_checkpoint
+from ldm.posthoc_ema import (DEFAULT_MAX_ERROR, apply_to_state_dict, list_snapshots,
                              reconstruct, reconstructable_range, snapshots_up_to)
 
 

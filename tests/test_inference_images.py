@@ -1,4 +1,5 @@
-"""Images read by the sampling scripts: every mode becomes RGB in [-1, 1] by the datasets' rule; bad files are named."""
+"""Images read by the sampling scripts: every mode becomes RGB in [-1, 1] by the datasets' rule; bad files are named.
+Grids with a label per row hold every image, zoomed, where its row and column say."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.inference import load_image
+from ldm.inference import labelled_grid, load_image
 
 
 def test_transparent_pixels_become_white_and_grey_becomes_three_equal_channels(tmp_path):
@@ -29,3 +30,20 @@ def test_missing_and_corrupt_files_are_named(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     with pytest.raises(ValueError, match="bad.png"):
         load_image(tmp_path / "bad.png")
+
+
+def test_labelled_grid_puts_each_image_zoomed_in_its_row_and_column():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(6, 3, 5, 3), dtype=np.uint8)  # 3 labels x 2 per row, non-square 3x5
+    grid = np.asarray(labelled_grid(images, ["a", "longer label", "c"], per_row=2, zoom=3))
+    h, w, pad = 3 * 3, 5 * 3, 2
+    text_w = grid.shape[1] - 2 * (w + pad)
+    assert grid.shape[0] == 3 * (h + pad) and text_w > 12
+    for r in range(3):
+        for c in range(2):
+            y, x = r * (h + pad), text_w + c * (w + pad)
+            expected = images[2 * r + c].repeat(3, axis=0).repeat(3, axis=1)  # nearest-neighbour zoom
+            assert np.array_equal(grid[y:y + h, x:x + w], expected), (r, c)
+    assert (grid[:, :text_w] < 128).any()  # the labels are drawn
+    with pytest.raises(ValueError, match="5 images for 3 labels of 2"):
+        labelled_grid(images[:5], ["a", "b", "c"], per_row=2)

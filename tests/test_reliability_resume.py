@@ -9,7 +9,6 @@ import argparse
 import errno
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -18,16 +17,14 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ldm.callbacks.checkpoint_io import AtomicCheckpointIO  # noqa: E402
-from ldm.callbacks.data_order import ResumeDataOrder  # noqa: E402
-from ldm.callbacks.nonfinite import NonFiniteGuard, NonFiniteTrainingError  # noqa: E402
-from ldm.callbacks.preemption import PreemptionCheckpoint  # noqa: E402
-from ldm.callbacks.reliability import reliability_plugins  # noqa: E402
-from ldm.callbacks.seeding import StepSeeding  # noqa: E402
-from ldm.data.sampler import ResumableSampler  # noqa: E402
-from ldm.checkpoint import load_checkpoint  # noqa: E402
+from ldm.callbacks.checkpoint_io import AtomicCheckpointIO
+from ldm.callbacks.data_order import ResumeDataOrder
+from ldm.callbacks.nonfinite import NonFiniteGuard, NonFiniteTrainingError
+from ldm.callbacks.preemption import PreemptionCheckpoint
+from ldm.callbacks.reliability import reliability_plugins
+from ldm.callbacks.seeding import StepSeeding
+from ldm.data.sampler import ResumableSampler
+from ldm.checkpoint import load_checkpoint
 
 N_SAMPLES, BATCH = 40, 4  # 10 batches per epoch
 
