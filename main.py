@@ -14,6 +14,6 @@ __all__ = ["DataModuleFromConfig", "EmergencyCheckpoint", "ImageLogger", "Learni
            "SetupCallback", "WrappedDataset", "worker_init_fn"]
 
 if __name__ == "__main__":
-    from ldm.train import main
+    from ldm.train import cli
 
-    sys.exit(main())
+    sys.exit(cli())

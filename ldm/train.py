@@ -15,13 +15,14 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.callbacks import SetupCallback
 from ldm.callbacks.preemption import preempted
 from ldm.callbacks.reliability import reliability_callbacks, reliability_plugins
+from ldm.checkpoint import CheckpointError
 from ldm.cli import (RunPaths, merge_configs, parse_cli, resolve_run, scaled_learning_rate, split_cli_args,
                      trainer_arguments)
 from ldm.config_checks import validate_config
 from ldm.known_warnings import silence_known_warnings
 from ldm.performance import apply_performance_options
 from ldm.strategies import check_strategy, distributed_arguments
-from ldm.util import as_list, config_source, instantiate_from_config
+from ldm.util import ConfigError, as_list, config_source, instantiate_from_config
 
 logger = logging.getLogger("main")
 
@@ -195,3 +196,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.move(str(run.logdir), str(dst))
             logger.info("debug run moved to %s", dst)
     return 0
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """`main` for the command line: a bad config, override, run folder or checkpoint (found before or while the
+    run is built, or when a checkpoint is read) is one line on stderr, ``error: <what and where>``, and exit
+    status 2 instead of a traceback; any other error keeps its traceback."""
+    try:
+        return main(argv)
+    except (ConfigError, CheckpointError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+

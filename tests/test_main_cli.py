@@ -224,3 +224,31 @@ def test_gpus_zero_means_cpu_and_says_how_to_pick_gpu_zero(caplog):
     with caplog.at_level("WARNING", logger="ldm.cli"):
         assert trainer_arguments({}, gpus="0") == {"accelerator": "cpu", "devices": 1}
     assert "--gpus 0," in caplog.text
+
+
+def test_main_py_reports_a_config_error_in_one_line_and_exit_status_2(tmp_path):
+    """A bad key on the command line of ``python main.py`` is one line naming the key and the choices, not a
+    traceback; a truncated checkpoint passed to -r is named the same way."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "main.py"), "--base", str(root / "configs" / "demo" / "ldm.yaml"), "-t",
+           "-l", str(tmp_path / "logs"), "lightning.trainer.accelerator=cpu", "lightning.trainer.strategy=dpp"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "lightning.trainer.strategy" in errors[0] and "did you mean ddp?" in errors[0]
+
+    run = tmp_path / "logs" / "2026-01-01T00-00-00_x"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "configs").mkdir()
+    (run / "configs" / "2026-01-01T00-00-00-project.yaml").write_text(
+        (root / "configs" / "demo" / "ldm.yaml").read_text())
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    proc = subprocess.run([sys.executable, str(root / "main.py"), "-r", str(run), "-t",
+                           "lightning.trainer.accelerator=cpu"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "last.ckpt" in proc.stderr.splitlines()[-1] and proc.stderr.splitlines()[-1].startswith("error: ")
