@@ -67,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latent-size", type=int, default=None, help="latent side (default: unet image_size)")
     p.add_argument("--context-length", type=int, default=None, help="tokens of the context (default: 77 for text)")
     p.add_argument("--steps", type=int, default=2, help="timed calls of each kind per round")
-    p.add_argument("--repeats", type=int, default=2, help="rounds over the subjects")
+    p.add_argument("--repeats", type=int, default=2, help="rounds over the subjects, in alternating order "
+                   "(an even number: each subject goes first equally often)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls of each kind first (compilation)")
     p.add_argument("--precision", choices=sorted(DTYPES), default="fp32", help="autocast dtype")
     p.add_argument("--channels-last", action="store_true")
@@ -78,8 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--flops", action="store_true", help="achieved TFLOP/s and the share of the device's peak")
     p.add_argument("--breakdown", action="store_true", help="profile one call of each kind: the share of its time "
                    "in matmul/convolution/attention kernels and the most that fusing the rest could gain")
-    p.add_argument("--reverse", action="store_true", help="build and run the subjects in the reverse order "
-                   "(diffusers first): the check that a difference is not an effect of the order")
+    p.add_argument("--reverse", action="store_true", help="build the subjects in the reverse order (diffusers "
+                   "first) and start the alternating rounds with it: the check that a difference is not an effect "
+                   "of the order")
     p.add_argument("--isolate", action="store_true", help="build each subject anew in each round and free it "
                    "after (one subject in memory at a time; automatic when two would not fit)")
     p.add_argument("--device", default=None, help="default: cuda, then mps, then cpu")
@@ -372,6 +374,12 @@ def subjects_of(args: argparse.Namespace) -> list[tuple[str, Options]]:
     return subjects[::-1] if args.reverse else subjects
 
 
+def round_order(subjects: list[tuple[str, Options]], r: int) -> list[tuple[str, Options]]:
+    """The subjects' turns in round `r`: as listed in even rounds, reversed in odd ones, so that over an even number
+    of rounds each subject goes first (and, with --isolate, is built first) as often as every other."""
+    return subjects if r % 2 == 0 else subjects[::-1]
+
+
 def first_stage_param_count(first_stage: torch.nn.Module) -> int:
     """Parameters of a first stage without its training loss (LPIPS, discriminator), which sampling never uses."""
     return sum(p.numel() for n, p in first_stage.named_parameters() if not n.startswith("loss."))
@@ -431,7 +439,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_before = machine()["load_average"]
     built = {} if isolate else {name: prepare(name, options) for name, options in subjects}
     for r in range(args.repeats):
-        for name, options in subjects:
+        for name, options in round_order(subjects, r):
             subject = prepare(name, options) if isolate else built[name]
             for kind in kinds:
                 if kind in subject.steps:

@@ -101,3 +101,21 @@ def test_diffusers_counterparts_have_our_architecture():
         peer.unet_kwargs({**config.unet_config.params, "use_spatial_transformer": False})
     with pytest.raises(peer.Unsupported, match="parameters"):
         peer.build_unet(config.unet_config.params, count_params(ours_unet) + 1)
+
+
+def test_rounds_alternate_so_that_each_subject_goes_first_equally_often():
+    for helper in ("benchmark_measure", "benchmark_diffusers"):  # what the script imports from its own folder
+        load(helper)
+    bench = load("benchmark")
+    args = bench.parse_args(["--config", "x.yaml", "--vs", "diffusers", "--compare", "compile"])
+    subjects = [name for name, _ in bench.subjects_of(args)]
+    assert subjects == ["ours", "ours +compile", "diffusers", "diffusers +compile"]
+    rounds = [[name for name, _ in bench.round_order(bench.subjects_of(args), r)] for r in range(4)]
+    assert rounds[1] == subjects[::-1] and rounds[2] == subjects
+    for name in subjects:  # over an even number of rounds every subject has the same mean turn
+        assert sum(order.index(name) for order in rounds) == 2 * (len(subjects) - 1)
+    pair = bench.subjects_of(bench.parse_args(["--config", "x.yaml", "--vs", "diffusers"]))
+    firsts = [bench.round_order(pair, r)[0][0] for r in range(4)]
+    assert firsts == ["ours", "diffusers", "ours", "diffusers"]  # ours against diffusers: each first in half
+    reversed_args = bench.parse_args(["--config", "x.yaml", "--vs", "diffusers", "--reverse"])
+    assert [n for n, _ in bench.round_order(bench.subjects_of(reversed_args), 0)] == ["diffusers", "ours"]
