@@ -370,14 +370,14 @@ def subjects_of(args: argparse.Namespace) -> list[tuple[str, Options]]:
     if args.compare:
         variants.append(dataclasses.replace(base, **{args.compare.replace("-", "_"): True}))
     implementations = ["ours"] + (["diffusers"] if args.vs else [])
-    subjects = [(f"{impl}{v.label()}", v) for impl in implementations for v in variants]
-    return subjects[::-1] if args.reverse else subjects
+    return [(f"{impl}{v.label()}", v) for impl in implementations for v in variants]
 
 
-def round_order(subjects: list[tuple[str, Options]], r: int) -> list[tuple[str, Options]]:
-    """The subjects' turns in round `r`: as listed in even rounds, reversed in odd ones, so that over an even number
-    of rounds each subject goes first (and, with --isolate, is built first) as often as every other."""
-    return subjects if r % 2 == 0 else subjects[::-1]
+def round_order(subjects: list[tuple[str, Options]], r: int, reverse: bool = False) -> list[tuple[str, Options]]:
+    """The subjects' turns in round `r` (and, for round 0, the order in which they are built): as listed in even
+    rounds and reversed in odd ones (the other way round with `reverse`), so that over an even number of rounds
+    every subject has the same mean turn (ours and diffusers: each goes first in half the rounds)."""
+    return subjects[::-1] if (r % 2 == 1) != reverse else subjects
 
 
 def first_stage_param_count(first_stage: torch.nn.Module) -> int:
@@ -437,9 +437,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     isolate = args.isolate or not fits_together(config, args, device, len(subjects))
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     load_before = machine()["load_average"]
-    built = {} if isolate else {name: prepare(name, options) for name, options in subjects}
+    build_order = round_order(subjects, 0, args.reverse)
+    built = {} if isolate else {name: prepare(name, options) for name, options in build_order}
     for r in range(args.repeats):
-        for name, options in round_order(subjects, r):
+        for name, options in round_order(subjects, r, args.reverse):
             subject = prepare(name, options) if isolate else built[name]
             for kind in kinds:
                 if kind in subject.steps:
