@@ -108,14 +108,36 @@ def use_channels_last(model: nn.Module) -> list[nn.Module]:
     return networks
 
 
-def compile_networks(model: nn.Module, kwargs: Mapping[str, Any], first_stage: bool) -> list[str]:
-    """``torch.compile`` (with `kwargs`) in place (``nn.Module.compile``: state-dict keys stay as they are) of the
-    UNets in `model` and, with `first_stage`, of the first stage's encoder and decoder; returns what it compiled."""
+# inductor's layout optimisation turns the feature maps of convolution-heavy graphs channels-last. On CPU it made the
+# compiled training step (forward and backward) slower and the compiled inference faster (demo UNet, one thread,
+# scripts/benchmark.py --compare compile): training at batch 4 0.76x eager with it, 1.09x without; at batch 32
+# 1.02x with, 1.09x without; guided sampling at batch 4 1.26x with, 1.10x without. So it is off on CPU for the
+# networks that train and left to inductor for the frozen ones.
+CPU_TRAINING_INDUCTOR_OPTIONS = {"layout_optimization": False}
+
+
+def compile_arguments(kwargs: Mapping[str, Any], device_type: str, trains: bool) -> dict[str, Any]:
+    """``torch.compile``'s arguments for a network that runs on `device_type` and (`trains`) is trained: `kwargs`
+    as given, plus, for a trained network on CPU with the inductor backend, ``options=
+    CPU_TRAINING_INDUCTOR_OPTIONS`` unless `kwargs` chooses a ``mode`` or ``options`` itself (torch.compile takes
+    one or the other)."""
+    kwargs = dict(kwargs)
+    inductor = kwargs.get("backend", "inductor") == "inductor"
+    if device_type == "cpu" and trains and inductor and "mode" not in kwargs and "options" not in kwargs:
+        kwargs["options"] = dict(CPU_TRAINING_INDUCTOR_OPTIONS)
+    return kwargs
+
+
+def compile_networks(model: nn.Module, kwargs: Mapping[str, Any], first_stage: bool, device_type: str) -> list[str]:
+    """``torch.compile`` in place (``nn.Module.compile``: state-dict keys stay as they are) of the UNets in `model`
+    and, with `first_stage`, of the first stage's encoder and decoder, with `kwargs` as :func:`compile_arguments`
+    completes them for `device_type`; returns what it compiled."""
     compiled = []
     for name, module in model.named_modules():
         is_first_stage = name.startswith("first_stage_model.") and isinstance(module, (Encoder, Decoder))
         if isinstance(module, UNetTrunk) or (first_stage and is_first_stage):
-            module.compile(**kwargs)
+            trains = any(p.requires_grad for p in module.parameters())
+            module.compile(**compile_arguments(kwargs, device_type, trains))
             compiled.append(name or type(module).__name__)
     return compiled
 
@@ -147,9 +169,11 @@ def optimizer_options(model: nn.Module, params: Iterable[torch.Tensor]) -> dict[
     return {"fused": True}
 
 
-def apply_performance_options(model: nn.Module, section: Mapping[str, Any] | None) -> PerformanceOptions:
+def apply_performance_options(model: nn.Module, section: Mapping[str, Any] | None,
+                              device_type: str | None = None) -> PerformanceOptions:
     """Applies a config's ``model.performance`` section to a built `model` (a LatentDiffusion, DDPM or
-    autoencoder); stores the options as ``model.performance_options`` for ``configure_optimizers``."""
+    autoencoder) that will run on `device_type` (default: ``cuda`` when a GPU is present, else ``cpu``); stores
+    the options as ``model.performance_options`` for ``configure_optimizers``."""
     options = PerformanceOptions.from_config(section)
     model.performance_options = options
     applied = []
@@ -160,9 +184,10 @@ def apply_performance_options(model: nn.Module, section: Mapping[str, Any] | Non
     if options.channels_last:
         applied.append(f"channels-last in {len(use_channels_last(model))} network(s)")
     if options.compile is not False:
+        device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
         kwargs = options.compile if isinstance(options.compile, Mapping) else {}
         first_stage = options.compile_first_stage is not False
-        applied.append(f"torch.compile of {', '.join(compile_networks(model, kwargs, first_stage))}")
+        applied.append(f"torch.compile of {', '.join(compile_networks(model, kwargs, first_stage, device_type))}")
     if options.tf32:
         applied.append("TF32" if enable_tf32() else "TF32 requested, but no CUDA GPU with TF32 is present")
     if options.fused_adamw:

@@ -125,7 +125,8 @@ def build(opt: Any, unknown: Sequence[str], now: str,
     check_strategy(trainer_kwargs.get("strategy", "auto"))
     with config_source(*run.base):
         model = instantiate_from_config(config.model)
-        apply_performance_options(model, config.model.get("performance", None))
+        apply_performance_options(model, config.model.get("performance", None),
+                                  device_type="cpu" if trainer_kwargs.get("accelerator") == "cpu" else None)
         data = instantiate_from_config(config.data)
         trainer_kwargs = distributed_arguments(trainer_kwargs, model, lightning_config,
                                                devices_key(opt, trainer_config))

@@ -46,7 +46,7 @@ from omegaconf import OmegaConf
 from ldm.data.latent_cache import FINGERPRINT_KEY, KINDS, first_stage_fingerprint
 from ldm.data.latent_cache_writer import split_encoding
 from ldm.inference import get_device, load_config
-from ldm.performance import apply_performance_options, fused_adamw_supported
+from ldm.performance import apply_performance_options, compile_arguments, fused_adamw_supported
 from ldm.util import count_params, instantiate_from_config
 
 from benchmark_measure import (DTYPES, available_memory, count_flops, dense_breakdown, device_peak_tflops, machine,
@@ -205,7 +205,7 @@ def build_ours(config: Any, options: Options, w: Workload, args: argparse.Namesp
                                      args.guidance_scale)[0])
     section = {"channels_last": options.channels_last, "activation_checkpointing": options.checkpointing,
                "compile": options.compile}
-    apply_performance_options(unet, section)
+    apply_performance_options(unet, section, device_type=w.latents.device.type)
     steps, opt = unet_steps(lambda x, t, c, y: unet(x, t, context=c, y=y), unet, w, args.optimizer,
                             args.guidance_scale)
     counts = {"unet": count_params(unet)}
@@ -215,7 +215,8 @@ def build_ours(config: Any, options: Options, w: Workload, args: argparse.Namesp
         encode = _sampled(first_stage.encode)
         if args.flops:
             flop_steps.update(first_stage_steps(encode, first_stage.decode, w, z))
-        apply_performance_options(first_stage, {"channels_last": options.channels_last, "compile": options.compile})
+        apply_performance_options(first_stage, {"channels_last": options.channels_last, "compile": options.compile},
+                                  device_type=w.latents.device.type)
         steps.update(first_stage_steps(encode, first_stage.decode, w, z))
         counts["first_stage"] = first_stage_param_count(first_stage)
     return Built(counts, steps, flop_steps, lambda: held_bytes(unet, opt, w))
@@ -274,8 +275,9 @@ def _diffusers_layout_and_compile(net: torch.nn.Module, options: Options) -> Non
         net.register_forward_pre_hook(lambda m, a, k: (tuple(
             x.contiguous(memory_format=torch.channels_last) if isinstance(x, torch.Tensor) and x.ndim == 4 else x
             for x in a), k), with_kwargs=True)
-    if options.compile:
-        net.compile()
+    if options.compile:  # with the arguments that ours gets on this device
+        trains = any(p.requires_grad for p in net.parameters())
+        net.compile(**compile_arguments({}, next(net.parameters()).device.type, trains))
 
 
 def build_stage_two(config: Any, options: Options, w: Workload, args: argparse.Namespace) -> Built:
@@ -283,7 +285,8 @@ def build_stage_two(config: Any, options: Options, w: Workload, args: argparse.N
     cached posterior of the same images."""
     model = instantiate_from_config(config.model).to(w.latents.device)
     apply_performance_options(model, {"channels_last": options.channels_last, "compile": options.compile,
-                                      "activation_checkpointing": options.checkpointing or None})
+                                      "activation_checkpointing": options.checkpointing or None},
+                              device_type=w.latents.device.type)
     model.learning_rate = 1e-5
     model.train()
     opt = model.configure_optimizers()

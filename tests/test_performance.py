@@ -16,7 +16,8 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
-from ldm.performance import PerformanceOptions, apply_performance_options, optimizer_options
+from ldm.performance import (CPU_TRAINING_INDUCTOR_OPTIONS, PerformanceOptions, apply_performance_options,
+                             optimizer_options)
 from ldm.util import ConfigError, instantiate_from_config
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -90,6 +91,24 @@ def test_inductor_compiled_unet_matches_eager():
     apply_performance_options(model, {"compile": True})
     out, grads = output_and_grads(model)
     assert relative_error(out, ref_out) < 1e-4 and relative_error(grads, ref_grads) < 1e-4
+
+
+def test_compile_on_cpu_turns_inductors_layout_optimisation_off_for_trained_networks(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    assert all(hasattr(inductor_config, key) for key in CPU_TRAINING_INDUCTOR_OPTIONS)  # still inductor's names
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: seen.append(kwargs))
+    for section, device_type in [({"compile": True}, "cpu"), ({"compile": True}, "cuda"),
+                                 ({"compile": {"mode": "max-autotune"}}, "cpu"),
+                                 ({"compile": {"backend": "aot_eager"}}, "cpu"),
+                                 ({"compile": {"dynamic": False}}, "cpu")]:
+        apply_performance_options(tiny_unet(), section, device_type=device_type)
+    frozen = tiny_unet().requires_grad_(False)  # a network that only infers keeps inductor's own choice
+    apply_performance_options(frozen, {"compile": True}, device_type="cpu")
+    off = CPU_TRAINING_INDUCTOR_OPTIONS
+    assert seen == [{"options": off}, {}, {"mode": "max-autotune"}, {"backend": "aot_eager"},
+                    {"dynamic": False, "options": off}, {}]
 
 
 def test_bf16_autocast_stays_within_its_tolerance_of_float32():
