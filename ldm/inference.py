@@ -263,16 +263,40 @@ def model_files(opt: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--lora FILE [--lora_scale S]`` of the scripts that apply LoRA adapters (see :func:`apply_lora`)."""
+    """``--lora FILE [--lora_scale S] [--first_stage CKPT]`` of the scripts that sample fine-tuned weights (see
+    :func:`apply_finetuned_weights`)."""
     parser.add_argument("--lora", default=None, help="LoRA adapter file (.safetensors) to merge into the model")
     parser.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA (0: none, 1: as trained)")
+    parser.add_argument("--first_stage", default=None,
+                        help="first-stage weights that replace the model's (a checkpoint of the first stage alone, "
+                             "e.g. the adapted decoder that scripts/dreambooth.py writes beside a LoRA)")
 
 
-def apply_lora(model: torch.nn.Module, opt: argparse.Namespace) -> torch.nn.Module:
-    """Merges ``opt.lora`` (if given) into `model` and its EMA weights at ``opt.lora_scale``.
+def load_first_stage(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Loads a checkpoint of a first stage alone (``{"state_dict": first_stage.state_dict()}``) into
+    ``model.first_stage_model``, strictly.
 
-    :raises LoraMismatchError: naming the file and the keys when it was made for another architecture.
+    :raises CheckpointError: naming the file when it does not fit the model's first stage.
     """
+    state = load_state_dict(path)
+    try:
+        model.first_stage_model.load_state_dict(state)
+    except RuntimeError as e:
+        details = str(e).splitlines()[1:3]
+        raise CheckpointError(f"{path} is not a first stage of this model: {' '.join(d.strip() for d in details)}"
+                              ) from None
+    return model
+
+
+def apply_finetuned_weights(model: torch.nn.Module, opt: argparse.Namespace) -> torch.nn.Module:
+    """Loads ``opt.first_stage`` (if given) into the model's first stage and merges ``opt.lora`` (if given) into the
+    model and its EMA weights at ``opt.lora_scale``.
+
+    :raises CheckpointError: naming the first-stage file when it does not fit.
+    :raises LoraMismatchError: naming the LoRA file and the keys when it was made for another architecture.
+    """
+    if opt.first_stage is not None:
+        load_first_stage(model, opt.first_stage)
     if opt.lora is None:
         return model
     from ldm.finetune.lora import load_lora_for_sampling

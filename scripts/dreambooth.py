@@ -40,14 +40,14 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from ldm.checkpoint import load_state_dict, save_checkpoint
+from ldm.checkpoint import save_checkpoint
 from ldm.data.emoji import EmojiDataset
 from ldm.data.folder import ImageFolderDataset
 from ldm.data.latent_cache import LatentCacheDataset, read_manifest
 from ldm.evaluation.classifier import conditional_accuracy, predict, train_classifier
 from ldm.finetune.decoder import adapt_decoder
 from ldm.finetune.lora import load_lora_for_sampling
-from ldm.inference import labelled_grid, load_model, sample_prompts, to_uint8
+from ldm.inference import labelled_grid, load_first_stage, load_model, sample_prompts, to_uint8
 from ldm.runs import project_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.lora:
         tuned = load_lora_for_sampling(load_model(config, ckpt, device="cpu", strict=True), run / "lora.safetensors")
         if first_stage is not None:
-            tuned.first_stage_model.load_state_dict(load_state_dict(first_stage))
+            load_first_stage(tuned, first_stage)
     else:
         tuned = load_model(project_config(run), run / "checkpoints" / "last.ckpt", device="cpu", strict=True)
     names = list(prompts) + [args.subject]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ldm.inference import (
-    add_lora_arguments, add_sampling_arguments, apply_lora, class_conditioning, decode_to_uint8,
+    add_lora_arguments, add_sampling_arguments, apply_finetuned_weights, class_conditioning, decode_to_uint8,
     downsampling_factor, ema_weights, get_device, is_class_conditional, load_image, load_model, model_files,
     run_script, save_grid, save_samples, seed_everything, text_conditioning,
 )
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     image = load_image(opt.init_img)
     device = get_device(opt.device)
     model = load_model(*model_files(opt), device)
-    apply_lora(model, opt)
+    apply_finetuned_weights(model, opt)
     multiple = 8 * downsampling_factor(model)
     h, w = (s - s % multiple for s in image.shape[-2:])
     if h == 0 or w == 0:

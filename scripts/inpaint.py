@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from ldm.inference import (
-    add_lora_arguments, add_sampling_arguments, apply_lora, downsampling_factor, ema_weights, get_device,
+    add_lora_arguments, add_sampling_arguments, apply_finetuned_weights, downsampling_factor, ema_weights, get_device,
     load_image, load_model, model_files, run_script, sampling_options, seed_everything, to_uint8,
 )
 from ldm.models.diffusion.conditioning import mask_channel
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     pairs = find_pairs(opt.indir)
     device = get_device(opt.device)
     model = load_model(*model_files(opt), device)
-    apply_lora(model, opt)
+    apply_finetuned_weights(model, opt)
     f = downsampling_factor(model)
     seed_everything(opt.seed)
     outdir = Path(opt.outdir)

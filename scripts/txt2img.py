@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from ldm.inference import (
-    add_lora_arguments, add_sampling_arguments, add_tile_argument, apply_lora, configure_tiling, decode_to_uint8,
-    downsampling_factor, ema_weights, get_device, load_model, model_files, run_script, sampling_options, save_grid,
-    save_samples, seed_everything, text_conditioning,
+    add_lora_arguments, add_sampling_arguments, add_tile_argument, apply_finetuned_weights, configure_tiling,
+    decode_to_uint8, downsampling_factor, ema_weights, get_device, load_model, model_files, run_script,
+    sampling_options, save_grid, save_samples, seed_everything, text_conditioning,
 )
 from ldm.models.diffusion.sampling import sample
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     prompts = read_prompts(opt)
     device = get_device(opt.device)
     model = load_model(*model_files(opt), device)
-    apply_lora(model, opt)
+    apply_finetuned_weights(model, opt)
     f = downsampling_factor(model)
     opt.H, opt.W = opt.H or model.image_size * f, opt.W or model.image_size * f
     if opt.H % f or opt.W % f:

@@ -249,6 +249,34 @@ def test_img2img_strength(models, tmp_path):
                                      "--strength", "1.5"])
 
 
+def test_txt2img_first_stage_replaces_the_models_and_refuses_another(models, tmp_path):
+    """``--first_stage CKPT`` (the adapted decoder that scripts/dreambooth.py writes beside a LoRA): the model's own
+    first stage samples what the model does, a changed decoder changes the samples, another model's is refused."""
+    from ldm.inference import load_model
+
+    config, ckpt = models["txt2img"]
+    first_stage = load_model(config, ckpt, "cpu").first_stage_model
+    save_checkpoint({"state_dict": first_stage.state_dict()}, tmp_path / "same.ckpt")
+    with torch.no_grad():
+        first_stage.decoder.conv_out.weight.mul_(-1.0)
+    save_checkpoint({"state_dict": first_stage.state_dict()}, tmp_path / "changed.ckpt")
+    txt2img = load_script("txt2img")
+    common = [*map(str, model_args(models, "txt2img")), "--prompt", "a red circle", "--n_samples", "1",
+              "--ddim_steps", "2", "--H", "32", "--W", "32"]
+    outputs = {}
+    for name in ("none", "same", "changed"):
+        extra = [] if name == "none" else ["--first_stage", str(tmp_path / f"{name}.ckpt")]
+        txt2img.main([*common, *extra, "--outdir", str(tmp_path / name)])
+        outputs[name] = png(tmp_path / name / "samples" / "00000.png")
+    assert np.array_equal(outputs["none"], outputs["same"])
+    assert not np.array_equal(outputs["none"], outputs["changed"])
+    encoder_only = {k: v for k, v in first_stage.state_dict().items() if k.startswith("encoder.")}
+    save_checkpoint({"state_dict": encoder_only}, tmp_path / "partial.ckpt")
+    proc = run("txt2img.py", *common, "--first_stage", tmp_path / "partial.ckpt", "--outdir", tmp_path, ok=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "partial.ckpt is not a first stage of this model" in proc.stderr and "decoder." in proc.stderr
+
+
 def test_txt2img_lora_changes_samples_by_its_scale_and_refuses_another_model(models, tmp_path):
     from ldm.finetune.lora import LoraOptions, add_lora, save_lora
     from ldm.inference import load_model
