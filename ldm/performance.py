@@ -116,13 +116,14 @@ def use_channels_last(model: nn.Module) -> list[nn.Module]:
 CPU_TRAINING_INDUCTOR_OPTIONS = {"layout_optimization": False}
 
 
-def compile_arguments(kwargs: Mapping[str, Any], device_type: str, trains: bool) -> dict[str, Any]:
-    """``torch.compile``'s arguments for a network that runs on `device_type` and (`trains`) is trained: `kwargs`
-    as given, plus, for a trained network on CPU with the inductor backend, ``options=
+def compile_arguments(kwargs: Mapping[str, Any], network: nn.Module, device_type: str) -> dict[str, Any]:
+    """``torch.compile``'s arguments for `network`, which runs on `device_type`: `kwargs` as given, plus, when
+    the network trains (has parameters that require gradients) on CPU with the inductor backend, ``options=
     CPU_TRAINING_INDUCTOR_OPTIONS`` unless `kwargs` chooses a ``mode`` or ``options`` itself (torch.compile takes
     one or the other)."""
     kwargs = dict(kwargs)
     inductor = kwargs.get("backend", "inductor") == "inductor"
+    trains = any(p.requires_grad for p in network.parameters())
     if device_type == "cpu" and trains and inductor and "mode" not in kwargs and "options" not in kwargs:
         kwargs["options"] = dict(CPU_TRAINING_INDUCTOR_OPTIONS)
     return kwargs
@@ -136,8 +137,7 @@ def compile_networks(model: nn.Module, kwargs: Mapping[str, Any], first_stage: b
     for name, module in model.named_modules():
         is_first_stage = name.startswith("first_stage_model.") and isinstance(module, (Encoder, Decoder))
         if isinstance(module, UNetTrunk) or (first_stage and is_first_stage):
-            trains = any(p.requires_grad for p in module.parameters())
-            module.compile(**compile_arguments(kwargs, device_type, trains))
+            module.compile(**compile_arguments(kwargs, module, device_type))
             compiled.append(name or type(module).__name__)
     return compiled
 

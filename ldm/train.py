@@ -208,4 +208,3 @@ def cli(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as e:
         sys.stderr.write(f"error: {e}\n")
         return 2
-

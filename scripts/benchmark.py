@@ -276,8 +276,7 @@ def _diffusers_layout_and_compile(net: torch.nn.Module, options: Options) -> Non
             x.contiguous(memory_format=torch.channels_last) if isinstance(x, torch.Tensor) and x.ndim == 4 else x
             for x in a), k), with_kwargs=True)
     if options.compile:  # with the arguments that ours gets on this device
-        trains = any(p.requires_grad for p in net.parameters())
-        net.compile(**compile_arguments({}, next(net.parameters()).device.type, trains))
+        net.compile(**compile_arguments({}, net, next(net.parameters()).device.type))
 
 
 def build_stage_two(config: Any, options: Options, w: Workload, args: argparse.Namespace) -> Built:
